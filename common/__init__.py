@@ -1,0 +1,1 @@
+"""Shared plumbing for the compress-bert research scripts (caching, loops, distributed, plots)."""

@@ -1,0 +1,99 @@
+"""Argparse groups shared by the scripts (flag names as in the original research scripts) and validation
+that gathers every problem into one error."""
+
+from __future__ import annotations
+
+import argparse
+import math
+import os
+from typing import Sequence
+
+from common.errors import UserError
+
+
+def add_model_args(parser: argparse.ArgumentParser) -> None:
+    g = parser.add_argument_group("model")
+    g.add_argument("--model_type", default=None, type=str.lower,
+                   help="Model family (checked against the checkpoint's config; inferred when left out).")
+    g.add_argument("--model_name_or_path", default=None,
+                   help="Folder (or hub name) of the pretrained model. Left out together with --data_dir: "
+                        "the built-in demo model and data.")
+    g.add_argument("--config_name", default="", help="Config name or path, if not the model's.")
+    g.add_argument("--tokenizer_name", default="", help="Tokenizer name or path, if not the model's.")
+    g.add_argument("--cache_dir", default="", help="Where downloaded models are stored.")
+    g.add_argument("--do_lower_case", action="store_true", help="Lower-case the input (uncased models).")
+
+
+def add_training_args(parser: argparse.ArgumentParser) -> None:
+    g = parser.add_argument_group("training")
+    g.add_argument("--output_dir", default=None, help="Where checkpoints, the final model and results go.")
+    g.add_argument("--overwrite_output_dir", action="store_true",
+                   help="Train into an output folder that already holds files.")
+    g.add_argument("--overwrite_cache", action="store_true", help="Rebuild the cached features.")
+    g.add_argument("--per_gpu_train_batch_size", "--per_device_train_batch_size", default=8, type=int,
+                   help="Batch size per device (GPU or CPU process) for training.")
+    g.add_argument("--per_gpu_eval_batch_size", "--per_device_eval_batch_size", default=8, type=int,
+                   help="Batch size per device for evaluation.")
+    g.add_argument("--gradient_accumulation_steps", default=1, type=int,
+                   help="Micro-batches to accumulate before each optimizer step.")
+    g.add_argument("--learning_rate", default=5e-5, type=float, help="Peak learning rate for AdamW.")
+    g.add_argument("--weight_decay", default=0.0, type=float,
+                   help="AdamW weight decay (0.0 as in the original; biases and LayerNorm never decay).")
+    g.add_argument("--adam_epsilon", default=1e-8, type=float, help="AdamW epsilon.")
+    g.add_argument("--max_grad_norm", default=1.0, type=float, help="Gradient clipping norm (0: no clipping).")
+    g.add_argument("--num_train_epochs", default=3.0, type=float, help="Training epochs (may be fractional).")
+    g.add_argument("--max_steps", default=-1, type=int, help="If > 0: optimizer steps to take (overrides epochs).")
+    g.add_argument("--warmup_steps", default=0, type=int, help="Linear warmup steps.")
+    g.add_argument("--logging_steps", default=50, type=int, help="Log loss and learning rate every N steps.")
+    g.add_argument("--save_steps", default=500, type=int, help="Save a checkpoint every N steps (0: never).")
+    g.add_argument("--resume_from_checkpoint", default=None, metavar="PATH|latest",
+                   help="Continue a run from a checkpoint folder, or from the newest one in --output_dir.")
+    g.add_argument("--seed", default=42, type=int, help="Random seed.")
+    g.add_argument("--dynamic_padding", default=True, action=argparse.BooleanOptionalAction,
+                   help="Trim each batch to its longest sequence (default on; --no_dynamic_padding pads every "
+                        "batch to --max_seq_length as the original scripts did).")
+    g.add_argument("--fp16", action="store_true", help="Mixed precision (float16 + grad scaler, CUDA) via torch.amp.")
+    g.add_argument("--fp16_opt_level", default=None,
+                   help="Accepted for old command lines; apex opt levels do not exist in torch.amp (warned).")
+    g.add_argument("--bf16", action="store_true", help="Mixed precision with bfloat16 via torch.amp.")
+
+
+def add_distributed_args(parser: argparse.ArgumentParser) -> None:
+    g = parser.add_argument_group("distributed")
+    g.add_argument("--no_cuda", action="store_true", help="Run on CPU even where CUDA is available.")
+    g.add_argument("--local_rank", "--local-rank", default=-1, type=int,
+                   help="Set by the old torch.distributed.launch; torchrun uses LOCAL_RANK instead.")
+
+
+def check_training_args(args: argparse.Namespace) -> list[str]:
+    """Problems with the shared training flags, as messages naming the flag and the fix."""
+    problems = []
+    for name in ("per_gpu_train_batch_size", "per_gpu_eval_batch_size", "gradient_accumulation_steps"):
+        if getattr(args, name) < 1:
+            problems.append(f"--{name} must be at least 1 (got {getattr(args, name)})")
+    if args.learning_rate <= 0 or not math.isfinite(args.learning_rate):
+        problems.append(f"--learning_rate must be a positive number (got {args.learning_rate})")
+    if args.num_train_epochs <= 0 and args.max_steps <= 0:
+        problems.append("--num_train_epochs must be positive (or give --max_steps)")
+    for name in ("weight_decay", "max_grad_norm", "warmup_steps", "logging_steps", "save_steps"):
+        if getattr(args, name) < 0:
+            problems.append(f"--{name} cannot be negative (got {getattr(args, name)})")
+    return problems
+
+
+def check_output_dir(args: argparse.Namespace, will_train: bool) -> list[str]:
+    out = args.output_dir
+    if will_train and os.path.isdir(out) and os.listdir(out) and not args.overwrite_output_dir \
+            and not args.resume_from_checkpoint:
+        return [f"output folder {out} already holds files; add --overwrite_output_dir to train into it, "
+                "--resume_from_checkpoint latest to continue, or choose another --output_dir"]
+    if os.path.exists(out) and not os.path.isdir(out):
+        return [f"--output_dir {out} is a file, not a folder"]
+    return []
+
+
+def raise_if_problems(problems: Sequence[str]) -> None:
+    if len(problems) == 1:
+        raise UserError(problems[0])
+    if problems:
+        raise UserError("; ".join(problems))

@@ -1,0 +1,1 @@
+"""Task readers: GLUE today; SQuAD and language-modelling corpora follow the same conventions."""

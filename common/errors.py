@@ -1,0 +1,34 @@
+"""User-facing errors: one line that names the problem and the fix, no traceback."""
+
+from __future__ import annotations
+
+import logging
+import sys
+from typing import Callable, Sequence
+
+
+class UserError(Exception):
+    """Bad input from the user (flags, files, folders). Printed as one line; the process exits with code 2."""
+
+
+def file_error(path: str, line: int | None, reason: str, fix: str | None = None) -> UserError:
+    """A UserError that names the file (and line, 1-based as an editor counts) and says how to fix it."""
+    where = f"{path}:{line}" if line is not None else str(path)
+    message = f"{where}: {reason}"
+    if fix:
+        message += f" ({fix})"
+    return UserError(message)
+
+
+def run_cli(main: Callable[[Sequence[str] | None], object], argv: Sequence[str] | None = None) -> int:
+    """Run a script's main(); a UserError becomes one line on stderr and exit code 2."""
+    try:
+        main(argv)
+    except UserError as err:
+        logging.getLogger(__name__).debug("user error", exc_info=True)
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+    return 0

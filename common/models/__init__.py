@@ -1,0 +1,1 @@
+"""Modules built around stock transformers models (early-exit off-ramps, masked layers)."""

@@ -1,0 +1,274 @@
+"""Saving figures and images, and the plots of the DeeBERT early-exit script.
+
+`save` writes a Matplotlib Figure or an image array to disk: raster formats (.png/.jpg/.jpeg) go
+through OpenCV, everything else (.pdf, .svg, .eps, ...) through Matplotlib. Writes are atomic (a
+temporary file in the same folder, then `os.replace`), so an interrupted run never leaves a
+half-written image behind. Figures are built with `matplotlib.figure.Figure` and the Agg canvas,
+never pyplot, so importing this module does not touch the user's global backend.
+"""
+
+from __future__ import annotations
+
+import os
+import uuid
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import cv2
+import numpy as np
+from matplotlib.backend_bases import FigureCanvasBase
+from matplotlib.backends.backend_agg import FigureCanvasAgg
+from matplotlib.figure import Figure
+from matplotlib.ticker import MaxNLocator
+
+__all__ = ["UnsupportedImageError", "figure_to_array", "plot_early_exit_sweep", "plot_metric_per_layer", "save"]
+
+# Extensions written by cv2.imwrite; every other extension goes through Matplotlib's savefig.
+_CV2_EXTENSIONS = {".png", ".jpg", ".jpeg"}
+_JPEG_EXTENSIONS = {".jpg", ".jpeg"}
+_SWEEP_KEYS = ("threshold", "metric", "avg_exit_layer", "speedup")
+# Floats a hair outside [0, 1] (rounding in a normalisation) are clipped; anything further is an error.
+_FLOAT_TOLERANCE = 1e-6
+
+
+class UnsupportedImageError(ValueError, TypeError):
+    """An object that is neither a Figure nor a numpy array; a ValueError (and TypeError) for callers."""
+
+
+def _new_figure(figsize: tuple[float, float], dpi: float = 120) -> Figure:
+    """A Figure with its own Agg canvas: renderable and savable without pyplot or a global backend."""
+    fig = Figure(figsize=figsize, dpi=dpi, layout="tight")
+    FigureCanvasAgg(fig)
+    return fig
+
+
+def _figure_to_rgba(fig: Figure) -> np.ndarray:
+    """Render `fig` with Agg and return an (H, W, 4) uint8 RGBA copy of its pixels.
+
+    A figure whose canvas cannot render to a buffer (a bare `Figure()` has a FigureCanvasBase) gets
+    an Agg canvas for the duration of the call and its own canvas back afterwards.
+    """
+    canvas = fig.canvas
+    if hasattr(canvas, "buffer_rgba"):
+        canvas.draw()
+        return np.array(canvas.buffer_rgba(), dtype=np.uint8, copy=True)
+    agg = FigureCanvasAgg(fig)  # attaches itself to fig
+    try:
+        agg.draw()
+        return np.array(agg.buffer_rgba(), dtype=np.uint8, copy=True)
+    finally:
+        fig.set_canvas(canvas)
+
+
+def _flatten_alpha(rgba: np.ndarray) -> np.ndarray:
+    """Composite (H, W, 4) uint8 RGBA over a white background and return (H, W, 3) uint8 RGB."""
+    rgb = rgba[..., :3].astype(np.uint16)
+    alpha = rgba[..., 3:4].astype(np.uint16)
+    out = (rgb * alpha + 255 * (255 - alpha) + 127) // 255
+    return out.astype(np.uint8)
+
+
+def figure_to_array(fig: Figure) -> np.ndarray:
+    """Render a Matplotlib Figure to an (H, W, 3) RGB uint8 array (transparent areas shown on white).
+
+    H and W are the figure's size in pixels (inches times dpi); used by `save` and by tests/scripts
+    that want to inspect or combine rendered plots.
+    """
+    if not isinstance(fig, Figure):
+        raise UnsupportedImageError(f"figure_to_array expects a matplotlib Figure, got {type(fig).__name__}")
+    return _flatten_alpha(_figure_to_rgba(fig))
+
+
+def _as_uint8_image(array: np.ndarray) -> np.ndarray:
+    """Check an image array's shape and dtype and return it as uint8 (H, W), (H, W, 3) or (H, W, 4).
+
+    Floats must lie in [0, 1] and are scaled to 0..255; (H, W, 1) is treated as grayscale.
+    """
+    if array.ndim == 3 and array.shape[2] == 1:
+        array = array[..., 0]
+    if not (array.ndim == 2 or (array.ndim == 3 and array.shape[2] in (3, 4))):
+        raise ValueError(
+            f"unsupported image shape {array.shape}: expected (H, W) grayscale, (H, W, 3) RGB or (H, W, 4) RGBA"
+        )
+    if array.shape[0] == 0 or array.shape[1] == 0:
+        raise ValueError(f"cannot save an empty image of shape {array.shape}")
+    if array.dtype == np.uint8:
+        return array
+    if np.issubdtype(array.dtype, np.floating):
+        if not np.all(np.isfinite(array)):
+            raise ValueError("float image contains NaN or infinite values")
+        low, high = float(array.min()), float(array.max())
+        if low < -_FLOAT_TOLERANCE or high > 1 + _FLOAT_TOLERANCE:
+            raise ValueError(
+                f"float image values must lie in [0, 1], got [{low:g}, {high:g}] "
+                "(divide by 255, or pass a uint8 array)"
+            )
+        return np.round(np.clip(array, 0.0, 1.0) * 255.0).astype(np.uint8)
+    raise ValueError(f"unsupported image dtype {array.dtype}: expected uint8, or float in [0, 1]")
+
+
+def _to_cv2_layout(image: np.ndarray, jpeg: bool) -> np.ndarray:
+    """Reorder uint8 RGB/RGBA to OpenCV's BGR/BGRA; JPEG has no alpha, so RGBA is composited on white."""
+    if image.ndim == 2:
+        return np.ascontiguousarray(image)
+    if image.shape[2] == 4 and jpeg:
+        image = _flatten_alpha(image)
+    if image.shape[2] == 3:
+        return np.ascontiguousarray(image[..., ::-1])
+    return np.ascontiguousarray(image[..., [2, 1, 0, 3]])
+
+
+def _array_figure(image: np.ndarray) -> Figure:
+    """Put a uint8 image on a figure of the same pixel size, filling it with no axes, for savefig."""
+    dpi = 100
+    height, width = image.shape[:2]
+    fig = Figure(figsize=(width / dpi, height / dpi), dpi=dpi)
+    FigureCanvasAgg(fig)
+    if image.ndim == 3 and image.shape[2] == 4:
+        fig.patch.set_alpha(0.0)  # keep the image's own transparency
+    ax = fig.add_axes((0.0, 0.0, 1.0, 1.0))
+    ax.set_axis_off()
+    if image.ndim == 2:
+        ax.imshow(image, cmap="gray", vmin=0, vmax=255, interpolation="nearest", aspect="auto")
+    else:
+        ax.imshow(image, interpolation="nearest", aspect="auto")
+    return fig
+
+
+def _temp_path(path: str, ext: str) -> str:
+    """A unique hidden file next to `path`, ending in `ext` because cv2 and matplotlib choose the format from it."""
+    folder, name = os.path.split(path)
+    return os.path.join(folder, f".{name}.{uuid.uuid4().hex[:12]}.tmp{ext}")
+
+
+def save(obj: Figure | np.ndarray, path: str | os.PathLike[str]) -> str:
+    """Save a Figure or an image array to `path` atomically and return the path as a string.
+
+    Arrays: (H, W) grayscale, (H, W, 3) RGB or (H, W, 4) RGBA, uint8 or float in [0, 1].
+    .png/.jpg/.jpeg are written with cv2.imwrite (channels reordered to BGR/BGRA; a Figure is
+    rendered with Agg first); other extensions with Matplotlib's savefig. The parent folder is
+    created. Raises ValueError for an unsupported object, shape, dtype or extension, and OSError
+    naming the path if the image cannot be written.
+    """
+    path = os.fspath(path)
+    if not isinstance(obj, (Figure, np.ndarray)):
+        raise UnsupportedImageError(
+            f"cannot save {type(obj).__module__}.{type(obj).__name__} to {path}: "
+            "expected a matplotlib Figure or a numpy image array"
+        )
+    ext = os.path.splitext(path)[1].lower()
+    if not ext:
+        raise ValueError(f"{path}: no file extension; add one such as .png, .jpg, .pdf or .svg")
+    if ext not in _CV2_EXTENSIONS:
+        supported = FigureCanvasBase.get_supported_filetypes()
+        if ext[1:] not in supported:
+            names = ", ".join(sorted({".jpeg", ".jpg", ".png"} | {f".{k}" for k in supported}))
+            raise ValueError(f"{path}: unsupported image format {ext!r} (supported: {names})")
+
+    # Validate and convert before anything touches the disk.
+    if ext in _CV2_EXTENSIONS:
+        image = _figure_to_rgba(obj) if isinstance(obj, Figure) else _as_uint8_image(obj)
+        payload: Any = _to_cv2_layout(image, jpeg=ext in _JPEG_EXTENSIONS)
+    else:
+        payload = obj if isinstance(obj, Figure) else _array_figure(_as_uint8_image(obj))
+
+    folder = os.path.dirname(path)
+    if folder:
+        os.makedirs(folder, exist_ok=True)
+    tmp = _temp_path(path, ext)
+    try:
+        if ext in _CV2_EXTENSIONS:
+            try:
+                ok = cv2.imwrite(tmp, payload)
+            except cv2.error as err:
+                raise OSError(f"could not write image {path}: {err}") from err
+            if not ok:
+                raise OSError(f"could not write image {path} (cv2.imwrite returned False)")
+        else:
+            payload.savefig(tmp, format=ext[1:])
+        os.replace(tmp, path)
+    except BaseException:
+        try:
+            os.remove(tmp)
+        except FileNotFoundError:
+            pass
+        raise
+    return path
+
+
+def plot_metric_per_layer(
+    layer_scores: Sequence[float],
+    metric_name: str,
+    title: str | None = None,
+    full_model_score: float | None = None,
+) -> Figure:
+    """Line plot of the metric reached by each exit layer (x = 1..L), with the full model as a dashed line.
+
+    Shows how good each DeeBERT off-ramp is on its own; returns the Figure (the first line holds the scores).
+    """
+    scores = [float(s) for s in layer_scores]
+    if not scores:
+        raise ValueError("plot_metric_per_layer needs at least one layer score")
+    layers = list(range(1, len(scores) + 1))
+    fig = _new_figure((6, 4))
+    ax = fig.add_subplot()
+    ax.plot(layers, scores, marker="o", label="exit at layer")
+    if full_model_score is not None:
+        ax.axhline(float(full_model_score), linestyle="--", color="gray",
+                   label=f"full model ({float(full_model_score):.4g})")
+        ax.legend(loc="best")
+    ax.set_xlabel("Exit layer")
+    ax.set_ylabel(metric_name)
+    ax.set_title(title if title is not None else f"{metric_name} per exit layer")
+    if len(layers) <= 24:
+        ax.set_xticks(layers)
+    else:
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    ax.grid(True, alpha=0.3)
+    return fig
+
+
+def plot_early_exit_sweep(
+    points: Sequence[Mapping[str, float]],
+    metric_name: str,
+    title: str | None = None,
+) -> Figure:
+    """Two panels of an entropy-threshold sweep: metric vs average exit layer, and metric vs measured speed-up.
+
+    Each point needs `threshold`, `metric`, `avg_exit_layer` and `speedup` (optional `num_layers` sets the
+    exit-layer axis range). Points are drawn in threshold order and labelled with their threshold.
+    """
+    if not points:
+        raise ValueError("plot_early_exit_sweep needs at least one point")
+    for i, point in enumerate(points):
+        missing = [key for key in _SWEEP_KEYS if key not in point]
+        if missing:
+            raise ValueError(f"sweep point {i} is missing key(s) {', '.join(missing)}: {dict(point)}")
+    ordered = sorted(points, key=lambda p: float(p["threshold"]))
+    thresholds = [float(p["threshold"]) for p in ordered]
+    metrics = [float(p["metric"]) for p in ordered]
+    exit_layers = [float(p["avg_exit_layer"]) for p in ordered]
+    speedups = [float(p["speedup"]) for p in ordered]
+
+    fig = _new_figure((11, 4))
+    ax_layer, ax_speed = fig.subplots(1, 2)
+    panels = (
+        (ax_layer, exit_layers, "Average exit layer"),
+        (ax_speed, speedups, "Measured speed-up (×)"),
+    )
+    for ax, xs, xlabel in panels:
+        ax.plot(xs, metrics, marker="o")
+        for x, y, threshold in zip(xs, metrics, thresholds):
+            ax.annotate(f"{threshold:g}", (x, y), textcoords="offset points", xytext=(4, 4), fontsize=8)
+        ax.margins(x=0.08, y=0.15)  # room for the threshold labels at the edges
+        ax.set_xlabel(xlabel)
+        ax.set_ylabel(metric_name)
+        ax.grid(True, alpha=0.3)
+    num_layers = [int(p["num_layers"]) for p in ordered if p.get("num_layers")]
+    if num_layers:
+        ax_layer.set_xlim(0.5, max(num_layers) + 0.5)
+        ax_layer.xaxis.set_major_locator(MaxNLocator(integer=True))
+    ax_layer.set_title("Metric vs average exit layer (labels: threshold)")
+    ax_speed.set_title("Metric vs speed-up (labels: threshold)")
+    fig.suptitle(title if title is not None else f"Early-exit sweep: {metric_name}")
+    return fig

@@ -1,0 +1,510 @@
+#!/usr/bin/env python
+"""DeeBERT: dynamic early exiting for BERT-style encoders on every GLUE task.
+
+An off-ramp classifier reads the hidden state after each encoder layer. Training has two stages: (1) the
+backbone and its final classifier, as ordinary fine-tuning; (2) the backbone frozen, the off-ramps trained.
+At inference a row leaves at the first off-ramp whose prediction is confident enough: its entropy is below
+--early_exit_entropy (DeeBERT), or --patience off-ramps in a row agree (PABEE). Rows leave the batch as they
+exit, so early exit saves compute at every batch size.
+
+    python scripts/run_glue_early_exit.py --do_train --do_eval            # built-in demo, no download
+    python scripts/run_glue_early_exit.py --model_type bert --model_name_or_path bert-base-uncased \\
+        --task_name sst-2 --data_dir glue_data/SST-2 --output_dir runs/sst2 --do_train --do_eval \\
+        --eval_each_highway --early_exit_entropy 0 0.1 0.2 0.3 0.4 0.5
+    torchrun --nproc_per_node=4 scripts/run_glue_early_exit.py ...same flags...
+
+Writes into --output_dir: the model (a stock transformers checkpoint plus off_ramps.safetensors),
+eval_results.json / eval_results.txt, early_exit_sweep.json, metric_per_layer.png, early_exit_sweep.png,
+log_history.jsonl, TensorBoard events under runs/, checkpoint-stage{1,2}-NNNNNN/ folders and run_args.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+from dataclasses import dataclass
+from typing import Any, Sequence
+
+_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+if _ROOT not in sys.path:
+    sys.path.insert(0, _ROOT)
+
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+from tensorboardX import SummaryWriter  # noqa: E402
+from transformers import AutoConfig, AutoTokenizer  # noqa: E402
+
+from common import builtin, visualize  # noqa: E402
+from common.args import (  # noqa: E402
+    add_distributed_args, add_model_args, add_training_args, check_output_dir, check_training_args,
+    raise_if_problems,
+)
+from common.caching import file_identity, load_and_cache_examples, tokenizer_identity  # noqa: E402
+from common.data import glue  # noqa: E402
+from common.distributed import (  # noqa: E402
+    DistContext, cleanup_distributed, main_process_first, setup_distributed,
+)
+from common.errors import UserError, run_cli  # noqa: E402
+from common.logging_utils import setup_logging  # noqa: E402
+from common.models.highway import EarlyExitModel, EntropyExit, ExitRule, PatienceExit  # noqa: E402
+from common.pretrained import check_model_folder  # noqa: E402
+from common.training import (  # noqa: E402
+    TrainConfig, check_precision_flags, find_checkpoints, param_groups, predict, read_checkpoint_state, resolve_resume_path,
+    save_folder_atomic, set_seed, train, write_json_atomic, write_text_atomic,
+)
+
+logger = logging.getLogger("run_glue_early_exit")
+
+MODEL_TYPES = ("bert", "roberta")
+DEFAULT_ENTROPY_SWEEP = (0.0, 0.05, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7)
+STAGE1, STAGE2 = "checkpoint-stage1", "checkpoint-stage2"
+
+
+# The built-in demo trains a tiny BERT from scratch: it needs a larger learning rate and more epochs than
+# fine-tuning a pretrained model. These replace the defaults only for flags the user did not give.
+BUILTIN_DEFAULTS = {
+    "learning_rate": 5e-4, "num_train_epochs": 5.0, "warmup_steps": 50, "per_gpu_train_batch_size": 32,
+    "per_gpu_eval_batch_size": 64, "max_seq_length": 48, "eval_each_highway": True, "eval_highway": True,
+}
+
+
+def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    add_model_args(parser)
+    g = parser.add_argument_group("data")
+    g.add_argument("--task_name", default=None, help="GLUE task: " + ", ".join(glue.TASKS))
+    g.add_argument("--data_dir", default=None, help="Folder with the task's GLUE .tsv files.")
+    g.add_argument("--max_seq_length", default=128, type=int, help="Longest tokenized input; longer is cut.")
+    add_training_args(parser)
+    add_distributed_args(parser)
+    g = parser.add_argument_group("DeeBERT")
+    g.add_argument("--do_train", action="store_true", help="Train both stages.")
+    g.add_argument("--do_eval", action="store_true", help="Evaluate on the dev set.")
+    g.add_argument("--evaluate_during_training", action="store_true",
+                   help="Evaluate the final classifier at every logging step of stage one.")
+    g.add_argument("--eval_after_first_stage", action="store_true",
+                   help="Evaluate the final classifier between the two training stages.")
+    g.add_argument("--eval_each_highway", action="store_true",
+                   help="Report the metric of every exit (off-ramp) layer.")
+    g.add_argument("--eval_highway", action="store_true",
+                   help="Evaluate with early exit (thresholds from --early_exit_entropy / --patience, or a "
+                        "default entropy sweep when neither is given).")
+    g.add_argument("--early_exit_entropy", nargs="+", type=float, default=None,
+                   help="Entropy threshold(s); several values are swept in one run. -1 (the original's "
+                        "default) means no entropy exit.")
+    g.add_argument("--patience", nargs="+", type=int, default=None,
+                   help="PABEE patience value(s): exit once this many consecutive off-ramps agree.")
+    g.add_argument("--regression_threshold", type=float, default=0.1,
+                   help="PABEE on regression tasks: predictions closer than this count as agreeing.")
+    g.add_argument("--eval_all_checkpoints", action="store_true",
+                   help="Also evaluate every checkpoint-* folder in --output_dir.")
+    g.add_argument("--plot_data_dir", default=None,
+                   help="Where the sweep JSON and plots go (default: --output_dir).")
+    args = parser.parse_args(argv)
+    if args.model_name_or_path is None and args.data_dir is None:
+        defaults = vars(parser.parse_args([]))
+        for name, value in BUILTIN_DEFAULTS.items():
+            if getattr(args, name) == defaults[name]:
+                setattr(args, name, value)
+    return args
+
+
+@dataclass(frozen=True)
+class Run:
+    """Resolved inputs of this run (what the flags point at once the built-in default is filled in)."""
+
+    task: str
+    data_dir: str
+    model_path: str
+    tokenizer_path: str
+    output_dir: str
+    plot_dir: str
+    builtin: bool
+    resume: str | None
+    rules: tuple[ExitRule, ...]
+
+
+def exit_rules(args: argparse.Namespace, regression: bool) -> tuple[tuple[ExitRule, ...], list[str]]:
+    """The early-exit rules to evaluate, and problems with the threshold flags."""
+    problems: list[str] = []
+    entropies = [e for e in (args.early_exit_entropy or []) if e != -1]
+    for e in entropies:
+        if not np.isfinite(e) or e < 0:
+            problems.append(f"--early_exit_entropy {e}: an entropy threshold must be >= 0 (or -1 for none)")
+    for p in args.patience or []:
+        if p < 0:
+            problems.append(f"--patience {p}: patience must be >= 0 (0 means never exit)")
+    if regression and entropies:
+        problems.append(f"--early_exit_entropy has no meaning on the regression task {args.task_name}; "
+                        "use --patience (PABEE) instead")
+    if args.regression_threshold <= 0:
+        problems.append("--regression_threshold must be positive")
+    if not entropies and not args.patience and args.eval_highway and not regression:
+        entropies = list(DEFAULT_ENTROPY_SWEEP)
+    if not entropies and not args.patience and args.eval_highway and regression:
+        args_patience = [1, 2, 3, 4]
+    else:
+        args_patience = list(args.patience or [])
+    rules: list[ExitRule] = [EntropyExit(float(e)) for e in dict.fromkeys(entropies)]
+    rules += [PatienceExit(p, regression, args.regression_threshold) for p in dict.fromkeys(args_patience)]
+    return tuple(rules), problems
+
+
+def resolve_run(args: argparse.Namespace, ctx: DistContext) -> Run:
+    """Validate the flags (every problem in one error) and fill in the built-in default."""
+    problems = check_training_args(args)
+    problems += check_precision_flags(args.fp16, args.bf16, ctx.device)
+    if not args.do_train and not args.do_eval:
+        problems.append("nothing to do: add --do_train and/or --do_eval")
+    use_builtin = args.model_name_or_path is None and args.data_dir is None
+    if not use_builtin and (args.model_name_or_path is None or args.data_dir is None):
+        problems.append("give both --model_name_or_path and --data_dir (or neither, for the built-in demo)")
+    task = "sst-2" if use_builtin and args.task_name is None else args.task_name
+    if task is None:
+        problems.append("--task_name is required with --data_dir (one of " + ", ".join(glue.TASKS) + ")")
+    else:
+        try:
+            task = glue.canonical_task_name(task)
+        except UserError as err:
+            problems.append(str(err))
+    if args.model_type is not None and args.model_type not in MODEL_TYPES:
+        problems.append(f"--model_type {args.model_type} is not supported; choose one of {', '.join(MODEL_TYPES)}")
+    if args.max_seq_length < 8:
+        problems.append(f"--max_seq_length {args.max_seq_length} is too short (at least 8)")
+    regression = task in glue.TASKS and glue.get_task(task).output_mode == "regression"
+    rules, rule_problems = exit_rules(args, regression)
+    problems += rule_problems
+    output_dir = args.output_dir or os.path.join("runs", "glue_early_exit")
+    args_for_check = argparse.Namespace(**{**vars(args), "output_dir": output_dir})
+    problems += check_output_dir(args_for_check, args.do_train)
+    if args.data_dir is not None and not os.path.isdir(args.data_dir):
+        problems.append(f"--data_dir {args.data_dir} does not exist; point it at the folder holding the task's "
+                        ".tsv files (e.g. glue_data/SST-2)")
+    elif args.data_dir is not None and not os.listdir(args.data_dir):
+        problems.append(f"--data_dir {args.data_dir} is empty; it should hold the task's train.tsv / dev.tsv")
+    raise_if_problems(problems)
+    if args.fp16_opt_level:
+        logger.warning("--fp16_opt_level %s ignored: torch.amp has no apex opt levels", args.fp16_opt_level)
+
+    resume = resolve_resume_path(args.resume_from_checkpoint, output_dir) if args.do_train else None
+    if use_builtin:
+        base = os.path.join(output_dir, "builtin")
+        with main_process_first(ctx):
+            if ctx.is_main:  # the other ranks wait, then use what rank 0 wrote
+                builtin.write_builtin_sst2(os.path.join(base, "data"))
+                builtin.write_builtin_bert(os.path.join(base, "model"))
+        data_dir, model_path = os.path.join(base, "data", "SST-2"), os.path.join(base, "model")
+        logger.warning("No --model_name_or_path/--data_dir: running the built-in demo (a tiny 6-layer BERT "
+                       "built from a config, generated SST-2-format sentiment data) in %s", base)
+    else:
+        data_dir, model_path = args.data_dir, args.model_name_or_path
+    if not args.do_train and args.output_dir is None and not use_builtin:
+        # Evaluation only: the model folder is where results belong when no --output_dir is given.
+        output_dir = model_path if os.path.isdir(model_path) else output_dir
+    plot_dir = args.plot_data_dir or output_dir
+    return Run(task=task, data_dir=data_dir, model_path=model_path,
+               tokenizer_path=args.tokenizer_name or model_path, output_dir=output_dir, plot_dir=plot_dir,
+               builtin=use_builtin, resume=resume, rules=rules)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# model and data
+
+
+def load_model(path: str, args: argparse.Namespace, task: str, run: Run) -> EarlyExitModel:
+    """The stock classifier (with off-ramps when the folder has them), checked against --model_type."""
+    check_model_folder(path)
+    spec = glue.get_task(task)
+    config_path = args.config_name or path
+    try:
+        config = AutoConfig.from_pretrained(config_path, cache_dir=args.cache_dir or None)
+    except (OSError, ValueError) as err:
+        raise UserError(f"cannot load a model config from {config_path}: {err}".splitlines()[0]) from None
+    if args.model_type and config.model_type != args.model_type:
+        raise UserError(f"--model_type {args.model_type} does not match the checkpoint {path}, which is a "
+                        f"{config.model_type} model; drop --model_type or pass --model_type {config.model_type}")
+    if config.model_type not in MODEL_TYPES:
+        raise UserError(f"{path} holds a {config.model_type} model; early exit supports {', '.join(MODEL_TYPES)}")
+    num_labels = glue.num_labels(task)
+    labels = spec.labels if spec.output_mode == "classification" else ["score"]
+    config.num_labels = num_labels
+    config.id2label = {i: str(label) for i, label in enumerate(labels)}
+    config.label2id = {str(label): i for i, label in enumerate(labels)}
+    config.finetuning_task = task
+    config.problem_type = "regression" if spec.output_mode == "regression" else "single_label_classification"
+    try:
+        return EarlyExitModel.from_pretrained(path, config=config, cache_dir=args.cache_dir or None)
+    except (OSError, RuntimeError) as err:
+        first = str(err).splitlines()[0]
+        raise UserError(f"cannot load the model from {path}: {first}") from None
+
+
+def load_tokenizer(path: str, args: argparse.Namespace) -> Any:
+    kwargs = {"do_lower_case": True} if args.do_lower_case else {}
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(path, cache_dir=args.cache_dir or None, **kwargs)
+    except (OSError, ValueError) as err:
+        raise UserError(f"cannot load a tokenizer from {path}: {str(err).splitlines()[0]}") from None
+    if not tokenizer.is_fast:
+        raise UserError(f"the tokenizer in {path} has no fast (Rust) version; features need a fast tokenizer")
+    return tokenizer
+
+
+def load_features(ctx: DistContext, args: argparse.Namespace, run: Run, tokenizer: Any, eval_task: str,
+                  split: str) -> dict[str, torch.Tensor]:
+    """Featurized split, from the cache when nothing that shapes it has changed."""
+    spec = glue.get_task(eval_task)
+    source = os.path.join(run.data_dir, spec.train_file if split == "train" else spec.dev_file)
+    if not os.path.isfile(source):
+        raise UserError(f"{source} not found: --data_dir should hold {spec.train_file} and {spec.dev_file} "
+                        f"for {eval_task}")
+    key = {
+        "task": eval_task, "split": split, "max_seq_length": args.max_seq_length,
+        "tokenizer": tokenizer_identity(tokenizer), "source": file_identity(source), "featurizer": 1,
+    }
+
+    def build() -> dict[str, torch.Tensor]:
+        examples = glue.read_examples(eval_task, run.data_dir, split)
+        logger.info("Featurizing %d %s examples of %s", len(examples), split, eval_task)
+        return glue.featurize(examples, tokenizer, eval_task, args.max_seq_length)
+
+    model_tag = os.path.basename(os.path.normpath(run.tokenizer_path))
+    return load_and_cache_examples(ctx, run.data_dir, f"{split}_{model_tag}_{args.max_seq_length}_{eval_task}",
+                                   key, build, overwrite_cache=args.overwrite_cache)
+
+
+def model_inputs(batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    return {k: v for k, v in batch.items() if k != "labels"}
+
+
+# ----------------------------------------------------------------------------------------------------------
+# training
+
+
+def train_stages(ctx: DistContext, args: argparse.Namespace, run: Run, model: EarlyExitModel, tokenizer: Any,
+                 writer: Any) -> dict[str, Any]:
+    """DeeBERT's two stages, either of which may resume from a checkpoint."""
+    train_set = load_features(ctx, args, run, tokenizer, run.task, "train")
+    resume_stage = read_checkpoint_state(run.resume).stage if run.resume else None
+
+    def save(folder: str) -> None:
+        model.save_pretrained(folder)
+        tokenizer.save_pretrained(folder)
+
+    summary: dict[str, Any] = {}
+    on_log = None
+    if args.evaluate_during_training:
+        def on_log(state):  # noqa: E306
+            metrics = evaluate_final_head(ctx, args, run, model, tokenizer)
+            model.train()
+            return {f"eval_{k}": v for k, v in metrics.items()}
+
+    if resume_stage != STAGE2:
+        model.set_stage(1)
+        cfg = TrainConfig.from_args(args, output_dir=run.output_dir, checkpoint_prefix=STAGE1, tb_prefix="stage1/")
+        result = train(ctx, cfg, model, train_set, lambda m, b, s: m(**b)["loss"],
+                       param_groups(model.named_parameters(), args.learning_rate, args.weight_decay), save,
+                       tb_writer=writer, resume_from=run.resume if resume_stage == STAGE1 else None,
+                       stage_index=1, on_log=on_log)
+        summary["stage1"] = result.__dict__
+        if args.eval_after_first_stage:
+            summary["after_first_stage"] = evaluate_final_head(ctx, args, run, model, tokenizer)
+            logger.info("After stage one: %s", summary["after_first_stage"])
+    model.set_stage(2)
+    cfg = TrainConfig.from_args(args, output_dir=run.output_dir, checkpoint_prefix=STAGE2, tb_prefix="stage2/")
+    result = train(ctx, cfg, model, train_set, lambda m, b, s: m(**b, train_off_ramps=True)["loss"],
+                   param_groups(model.named_parameters(), args.learning_rate, args.weight_decay), save,
+                   tb_writer=writer, resume_from=run.resume if resume_stage == STAGE2 else None, stage_index=2)
+    summary["stage2"] = result.__dict__
+    model.set_stage(0)
+    if ctx.is_main:
+        save_folder_atomic(save, run.output_dir)
+        logger.info("Saved the trained model to %s", run.output_dir)
+    return summary
+
+
+# ----------------------------------------------------------------------------------------------------------
+# evaluation
+
+
+def eval_tasks(task: str) -> list[str]:
+    return ["mnli", "mnli-mm"] if task == "mnli" else [task]
+
+
+def predictions(task: str, logits: np.ndarray) -> np.ndarray:
+    return logits[..., 0] if glue.get_task(task).output_mode == "regression" else logits.argmax(-1)
+
+
+def evaluate_final_head(ctx: DistContext, args: argparse.Namespace, run: Run, model: EarlyExitModel,
+                        tokenizer: Any) -> dict[str, float]:
+    model.eval()
+    out = {}
+    for eval_task in eval_tasks(run.task):
+        dev = load_features(ctx, args, run, tokenizer, eval_task, "dev")
+        outputs, _ = predict(ctx, dev, args.per_gpu_eval_batch_size,
+                             lambda b: {"logits": model.backbone(**model_inputs(b)).logits,
+                                        "labels": b["labels"]},
+                             args.dynamic_padding, desc=f"eval {eval_task}")
+        metrics = glue.compute_metrics(eval_task, predictions(eval_task, outputs["logits"]), outputs["labels"])
+        out.update({(k if eval_task != "mnli-mm" else f"mm_{k}"): v for k, v in metrics.items()})
+    return out
+
+
+def evaluate(ctx: DistContext, args: argparse.Namespace, run: Run, model: EarlyExitModel, tokenizer: Any,
+             eval_task: str) -> dict[str, Any]:
+    """Final-head metrics, per-exit metrics, and one early-exit pass per rule, with wall time and speed-up."""
+    model.eval()
+    dev = load_features(ctx, args, run, tokenizer, eval_task, "dev")
+    bs = args.per_gpu_eval_batch_size
+    primary = glue.primary_metric(eval_task)
+    num_layers = model.num_layers
+    result: dict[str, Any] = {"task": eval_task, "num_examples": int(len(dev["labels"])),
+                              "num_layers": num_layers, "primary_metric": primary}
+
+    def run_rule(rule: ExitRule | None, desc: str) -> tuple[dict[str, np.ndarray], float]:
+        return predict(ctx, dev, bs, lambda b: dict(zip(("logits", "exit_layer"), model.early_exit(
+            rule, **model_inputs(b))), labels=b["labels"]), args.dynamic_padding, desc=desc,
+                       fp16=args.fp16, bf16=args.bf16)
+
+    # One untimed batch first, so one-off start-up costs (allocator, kernels) do not land in the timings.
+    warm = {k: v[:bs] for k, v in dev.items()}
+    predict(ctx, warm, bs, lambda b: {"logits": model.early_exit(None, **model_inputs(b))[0]}, args.dynamic_padding,
+            desc="warm-up")
+    full, full_seconds = run_rule(None, f"eval {eval_task}")
+    labels = full["labels"]
+    result["metrics"] = glue.compute_metrics(eval_task, predictions(eval_task, full["logits"]), labels)
+    result["seconds_all_layers"] = full_seconds
+    logger.info("%s dev (all %d layers): %s", eval_task, num_layers, result["metrics"])
+
+    if args.eval_each_highway:
+        if not model.off_ramps_trained:
+            raise UserError(f"{run.model_path} has no trained off-ramps; train them (--do_train) before "
+                            "--eval_each_highway")
+        per_layer, _ = predict(ctx, dev, bs, lambda b: {"logits": model.all_exit_logits(**model_inputs(b))
+                                                        .transpose(0, 1)},
+                               args.dynamic_padding, desc="eval each exit", fp16=args.fp16, bf16=args.bf16)
+        layer_metrics = [glue.compute_metrics(eval_task, predictions(eval_task, per_layer["logits"][:, i]), labels)
+                         for i in range(num_layers)]
+        result["per_layer"] = [{"layer": i + 1, **m} for i, m in enumerate(layer_metrics)]
+        logger.info("%s of each exit layer: %s", primary,
+                    " ".join(f"{100 * m[primary]:.2f}" for m in layer_metrics))
+
+    sweep = []
+    for rule in run.rules:
+        if not model.off_ramps_trained:
+            raise UserError(f"{run.model_path} has no trained off-ramps; early exit needs a model trained by "
+                            "this script (--do_train)")
+        out, seconds = run_rule(rule, f"early exit {rule.label}")
+        exits = out["exit_layer"].astype(np.int64)
+        metrics = glue.compute_metrics(eval_task, predictions(eval_task, out["logits"]), labels)
+        point = {
+            "rule": rule.label,
+            "criterion": "entropy" if isinstance(rule, EntropyExit) else "patience",
+            "threshold": rule.threshold if isinstance(rule, EntropyExit) else rule.patience,
+            "metrics": metrics,
+            "metric": metrics[primary],
+            "avg_exit_layer": float(exits.mean()),
+            "exit_histogram": {str(layer): int((exits == layer).sum()) for layer in range(1, num_layers + 1)},
+            "layers_saved_fraction": float(1.0 - exits.sum() / (len(exits) * num_layers)),
+            "seconds": seconds,
+            "speedup": full_seconds / seconds if seconds > 0 else float("nan"),
+            "num_layers": num_layers,
+        }
+        sweep.append(point)
+        logger.info("%s: %s=%.4f avg exit layer %.2f, %.1f%% layer computations saved, speed-up %.2fx",
+                    rule.label, primary, point["metric"], point["avg_exit_layer"],
+                    100 * point["layers_saved_fraction"], point["speedup"])
+    if sweep:
+        result["early_exit"] = sweep
+    return result
+
+
+def write_results(run: Run, results: dict[str, Any], ctx: DistContext) -> None:
+    """eval_results.json, the original's eval_results.txt, the sweep JSON and the plots (rank 0 only)."""
+    if not ctx.is_main:
+        return
+    os.makedirs(run.output_dir, exist_ok=True)
+    os.makedirs(run.plot_dir, exist_ok=True)
+    write_json_atomic(os.path.join(run.output_dir, "eval_results.json"), results)
+    lines = []
+    for task_result in results["eval"].values():
+        prefix = "mm_" if task_result["task"] == "mnli-mm" else ""
+        lines += [f"{prefix}{k} = {v}" for k, v in sorted(task_result["metrics"].items())]
+    write_text_atomic(os.path.join(run.output_dir, "eval_results.txt"), "\n".join(lines) + "\n")
+    for name, task_result in results["eval"].items():
+        suffix = "" if name == run.task else f"_{name}"
+        primary = task_result["primary_metric"]
+        if "per_layer" in task_result:
+            fig = visualize.plot_metric_per_layer(
+                [m[primary] for m in task_result["per_layer"]], primary, title=f"{name}: {primary} of each exit",
+                full_model_score=task_result["metrics"][primary])
+            visualize.save(fig, os.path.join(run.plot_dir, f"metric_per_layer{suffix}.png"))
+        if "early_exit" in task_result:
+            write_json_atomic(os.path.join(run.plot_dir, f"early_exit_sweep{suffix}.json"), task_result["early_exit"])
+            fig = visualize.plot_early_exit_sweep(task_result["early_exit"], primary,
+                                                  title=f"{name}: early exit trade-off")
+            visualize.save(fig, os.path.join(run.plot_dir, f"early_exit_sweep{suffix}.png"))
+
+
+def evaluate_all(ctx: DistContext, args: argparse.Namespace, run: Run, model: EarlyExitModel,
+                 tokenizer: Any) -> dict[str, Any]:
+    return {t: evaluate(ctx, args, run, model, tokenizer, t) for t in eval_tasks(run.task)}
+
+
+# ----------------------------------------------------------------------------------------------------------
+
+
+def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
+    args = parse_args(argv)
+    ctx = setup_distributed(args.no_cuda, args.local_rank)
+    try:
+        setup_logging(ctx)
+        run = resolve_run(args, ctx)
+        set_seed(args.seed)
+        if ctx.is_main:
+            os.makedirs(run.output_dir, exist_ok=True)
+            write_json_atomic(os.path.join(run.output_dir, "run_args.json"),
+                              {"argv": list(sys.argv if argv is None else argv), "args": vars(args),
+                               "resolved": run.__dict__ | {"rules": [r.label for r in run.rules]},
+                               "world_size": ctx.world_size, "device": str(ctx.device)})
+        logger.info("Task %s, model %s, data %s, output %s, %d process(es) on %s", run.task, run.model_path,
+                    run.data_dir, run.output_dir, ctx.world_size, ctx.device)
+        results: dict[str, Any] = {"task": run.task, "model": run.model_path}
+        if args.do_train:
+            source = run.resume or run.model_path
+            model = load_model(source, args, run.task, run).to(ctx.device)
+            tokenizer = load_tokenizer(run.resume or run.tokenizer_path, args)
+            writer = SummaryWriter(logdir=os.path.join(run.output_dir, "runs")) if ctx.is_main else None
+            try:
+                results["train"] = train_stages(ctx, args, run, model, tokenizer, writer)
+            finally:
+                if writer is not None:
+                    writer.close()
+            eval_path = run.output_dir
+        else:
+            eval_path = run.model_path
+        if args.do_eval:
+            model = load_model(eval_path, args, run.task, run).to(ctx.device)
+            tokenizer = load_tokenizer(eval_path if args.do_train else run.tokenizer_path, args)
+            results["eval"] = evaluate_all(ctx, args, run, model, tokenizer)
+            if args.eval_all_checkpoints:
+                results["checkpoints"] = {}
+
+                for ckpt in find_checkpoints(run.output_dir):
+                    ckpt_model = load_model(ckpt, args, run.task, run).to(ctx.device)
+                    results["checkpoints"][os.path.basename(ckpt)] = evaluate_final_head(
+                        ctx, args, run, ckpt_model, tokenizer)
+            write_results(run, results, ctx)
+            for name, task_result in results["eval"].items():
+                logger.info("***** %s: %s *****", name, task_result["metrics"])
+        return results
+    finally:
+        cleanup_distributed()
+
+
+if __name__ == "__main__":
+    sys.exit(run_cli(main))
