@@ -49,9 +49,10 @@ def add_training_args(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--resume_from_checkpoint", default=None, metavar="PATH|latest",
                    help="Continue a run from a checkpoint folder, or from the newest one in --output_dir.")
     g.add_argument("--seed", default=42, type=int, help="Random seed.")
-    g.add_argument("--dynamic_padding", default=True, action=argparse.BooleanOptionalAction,
-                   help="Trim each batch to its longest sequence (default on; --no_dynamic_padding pads every "
-                        "batch to --max_seq_length as the original scripts did).")
+    g.add_argument("--dynamic_padding", dest="dynamic_padding", action="store_true", default=True,
+                   help="Trim each batch to its longest sequence (the default).")
+    g.add_argument("--no_dynamic_padding", dest="dynamic_padding", action="store_false",
+                   help="Pad every batch to --max_seq_length, as the original scripts did.")
     g.add_argument("--fp16", action="store_true", help="Mixed precision (float16 + grad scaler, CUDA) via torch.amp.")
     g.add_argument("--fp16_opt_level", default=None,
                    help="Accepted for old command lines; apex opt levels do not exist in torch.amp (warned).")

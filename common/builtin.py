@@ -1,9 +1,10 @@
 """The built-in default: a small model built from a config, a word-level tokenizer, and generated data in the
 real file formats, so every script runs (and `make demo` works) with no download.
 
-The generated GLUE task is SST-2-shaped sentiment: a sentence mixes positive, negative (some negated by "not")
-and neutral words, and its label is 1 when the positive ones outweigh the negative ones. It is learnable by a small encoder, and
-its difficulty varies (one-sided sentences are easy, near-ties are hard), which is what early exit feeds on.
+The generated GLUE task is SST-2-shaped sentiment: a sentence mixes positive, negative (some negated by
+"not") and neutral words, and its label is 1 when the positive ones outweigh the negative ones. A small encoder
+learns it, and its difficulty varies (one-sided sentences are easy, negations and near-ties are hard), which is
+what early exit feeds on.
 """
 
 from __future__ import annotations

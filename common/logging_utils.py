@@ -15,7 +15,9 @@ def setup_logging(ctx: DistContext, verbose: bool = False) -> None:
     fmt = "%(asctime)s %(levelname)s %(name)s: %(message)s"
     if ctx.is_distributed:
         fmt = f"[rank {ctx.rank}] " + fmt
-    logging.basicConfig(format=fmt, datefmt="%H:%M:%S", level=level, force=True)
+    # basicConfig leaves existing handlers alone (a caller's, pytest's); the level is ours to set either way.
+    logging.basicConfig(format=fmt, datefmt="%H:%M:%S", level=level)
+    logging.getLogger().setLevel(level)
     transformers.utils.logging.set_verbosity_info() if verbose and ctx.is_main else \
         transformers.utils.logging.set_verbosity_error()
     # tensorboardX and torch.distributed are chatty about things a user cannot act on.

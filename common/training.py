@@ -18,7 +18,7 @@ import random
 import shutil
 import time
 from dataclasses import asdict, dataclass, field
-from typing import Any, Callable, Iterable, Iterator, Mapping, Sequence
+from typing import Any, Callable, Iterable, Mapping, Sequence
 
 import numpy as np
 import torch
@@ -26,7 +26,7 @@ from torch import nn
 from tqdm.auto import tqdm
 from transformers import get_linear_schedule_with_warmup
 
-from common.distributed import DistContext, all_gather_objects, barrier, broadcast_object, shard_indices
+from common.distributed import DistContext, all_gather_objects, barrier, shard_indices
 from common.errors import UserError
 
 logger = logging.getLogger(__name__)

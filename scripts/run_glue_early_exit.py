@@ -21,7 +21,6 @@ log_history.jsonl, TensorBoard events under runs/, checkpoint-stage{1,2}-NNNNNN/
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import os
 import sys
@@ -45,15 +44,15 @@ from common.args import (  # noqa: E402
 from common.caching import file_identity, load_and_cache_examples, tokenizer_identity  # noqa: E402
 from common.data import glue  # noqa: E402
 from common.distributed import (  # noqa: E402
-    DistContext, cleanup_distributed, main_process_first, setup_distributed,
+    DistContext, barrier, cleanup_distributed, main_process_first, setup_distributed,
 )
 from common.errors import UserError, run_cli  # noqa: E402
 from common.logging_utils import setup_logging  # noqa: E402
 from common.models.highway import EarlyExitModel, EntropyExit, ExitRule, PatienceExit  # noqa: E402
 from common.pretrained import check_model_folder  # noqa: E402
 from common.training import (  # noqa: E402
-    TrainConfig, check_precision_flags, find_checkpoints, param_groups, predict, read_checkpoint_state, resolve_resume_path,
-    save_folder_atomic, set_seed, train, write_json_atomic, write_text_atomic,
+    TrainConfig, check_precision_flags, find_checkpoints, param_groups, predict, read_checkpoint_state,
+    resolve_resume_path, save_folder_atomic, set_seed, train, write_json_atomic, write_text_atomic,
 )
 
 logger = logging.getLogger("run_glue_early_exit")
@@ -215,8 +214,11 @@ def resolve_run(args: argparse.Namespace, ctx: DistContext) -> Run:
 # model and data
 
 
-def load_model(path: str, args: argparse.Namespace, task: str, run: Run) -> EarlyExitModel:
-    """The stock classifier (with off-ramps when the folder has them), checked against --model_type."""
+def load_model(path: str, args: argparse.Namespace, task: str, for_training: bool = False) -> EarlyExitModel:
+    """The stock classifier (with off-ramps when the folder has them), checked against --model_type.
+
+    For training, a classifier head of another size (a checkpoint fine-tuned on another task) is replaced by
+    a fresh one, as fine-tuning expects; for evaluation that mismatch is an error."""
     check_model_folder(path)
     spec = glue.get_task(task)
     config_path = args.config_name or path
@@ -237,9 +239,13 @@ def load_model(path: str, args: argparse.Namespace, task: str, run: Run) -> Earl
     config.finetuning_task = task
     config.problem_type = "regression" if spec.output_mode == "regression" else "single_label_classification"
     try:
-        return EarlyExitModel.from_pretrained(path, config=config, cache_dir=args.cache_dir or None)
+        return EarlyExitModel.from_pretrained(path, config=config, cache_dir=args.cache_dir or None,
+                                              ignore_mismatched_sizes=for_training)
     except (OSError, RuntimeError) as err:
         first = str(err).splitlines()[0]
+        if "mismatched" in first:
+            first = (f"its classifier does not fit the {num_labels} label(s) of {task}; evaluate it on the task it "
+                     "was trained for")
         raise UserError(f"cannot load the model from {path}: {first}") from None
 
 
@@ -296,12 +302,13 @@ def train_stages(ctx: DistContext, args: argparse.Namespace, run: Run, model: Ea
         tokenizer.save_pretrained(folder)
 
     summary: dict[str, Any] = {}
-    on_log = None
-    if args.evaluate_during_training:
-        def on_log(state):  # noqa: E306
-            metrics = evaluate_final_head(ctx, args, run, model, tokenizer)
-            model.train()
-            return {f"eval_{k}": v for k, v in metrics.items()}
+
+    def evaluate_now(state: Any) -> dict[str, float]:
+        metrics = evaluate_final_head(ctx, args, run, model, tokenizer)
+        model.train()
+        return {f"eval_{k}": v for k, v in metrics.items()}
+
+    on_log = evaluate_now if args.evaluate_during_training else None
 
     if resume_stage != STAGE2:
         model.set_stage(1)
@@ -324,6 +331,7 @@ def train_stages(ctx: DistContext, args: argparse.Namespace, run: Run, model: Ea
     if ctx.is_main:
         save_folder_atomic(save, run.output_dir)
         logger.info("Saved the trained model to %s", run.output_dir)
+    barrier()  # the other ranks reload this folder for evaluation
     return summary
 
 
@@ -476,7 +484,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         results: dict[str, Any] = {"task": run.task, "model": run.model_path}
         if args.do_train:
             source = run.resume or run.model_path
-            model = load_model(source, args, run.task, run).to(ctx.device)
+            model = load_model(source, args, run.task, for_training=True).to(ctx.device)
             tokenizer = load_tokenizer(run.resume or run.tokenizer_path, args)
             writer = SummaryWriter(logdir=os.path.join(run.output_dir, "runs")) if ctx.is_main else None
             try:
@@ -488,14 +496,14 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         else:
             eval_path = run.model_path
         if args.do_eval:
-            model = load_model(eval_path, args, run.task, run).to(ctx.device)
+            model = load_model(eval_path, args, run.task).to(ctx.device)
             tokenizer = load_tokenizer(eval_path if args.do_train else run.tokenizer_path, args)
             results["eval"] = evaluate_all(ctx, args, run, model, tokenizer)
             if args.eval_all_checkpoints:
                 results["checkpoints"] = {}
 
                 for ckpt in find_checkpoints(run.output_dir):
-                    ckpt_model = load_model(ckpt, args, run.task, run).to(ctx.device)
+                    ckpt_model = load_model(ckpt, args, run.task).to(ctx.device)
                     results["checkpoints"][os.path.basename(ckpt)] = evaluate_final_head(
                         ctx, args, run, ckpt_model, tokenizer)
             write_results(run, results, ctx)

@@ -1,0 +1,119 @@
+"""Tiny models and data the tests build themselves (no download, nothing written inside the repo)."""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "scripts"))
+
+from common import builtin  # noqa: E402
+
+TINY = dict(hidden_size=32, num_hidden_layers=3, num_attention_heads=2, intermediate_size=64,
+            max_position_embeddings=64)
+
+
+@pytest.fixture(autouse=True)
+def _no_process_group():
+    """Every test starts and ends without a torch.distributed process group."""
+    yield
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        torch.distributed.destroy_process_group()
+
+
+@pytest.fixture(scope="session")
+def tiny_bert_dir(tmp_path_factory) -> str:
+    """A randomly initialised 3-layer BERT (hidden 32) with a word-level vocabulary, as a pretrained folder."""
+    folder = tmp_path_factory.mktemp("tiny-bert")
+    return builtin.write_builtin_bert(str(folder), seed=0, **TINY)
+
+
+@pytest.fixture(scope="session")
+def tiny_roberta_dir(tmp_path_factory) -> str:
+    """A randomly initialised 3-layer RoBERTa with a byte-level BPE tokenizer trained on generated sentences."""
+    from tokenizers import ByteLevelBPETokenizer
+    from transformers import RobertaConfig, RobertaModel, RobertaTokenizerFast
+
+    folder = tmp_path_factory.mktemp("tiny-roberta")
+    rng = random.Random(0)
+    sentences = [builtin._sentence(rng)[0] for _ in range(300)]
+    bpe = ByteLevelBPETokenizer()
+    bpe.train_from_iterator(sentences, vocab_size=300, min_frequency=1,
+                            special_tokens=["<s>", "<pad>", "</s>", "<unk>", "<mask>"])
+    bpe.save_model(str(folder))
+    vocab = json.loads((folder / "vocab.json").read_text())
+    merges = [tuple(line.split()) for line in (folder / "merges.txt").read_text().splitlines()[1:] if line]
+    tokenizer = RobertaTokenizerFast(vocab=vocab, merges=merges, model_max_length=60)
+    tokenizer.save_pretrained(str(folder))
+    torch.manual_seed(0)
+    config = RobertaConfig(vocab_size=len(tokenizer), pad_token_id=1, bos_token_id=0, eos_token_id=2,
+                           **{**TINY, "max_position_embeddings": 66})
+    RobertaModel(config).save_pretrained(str(folder))
+    return str(folder)
+
+
+@pytest.fixture(scope="session")
+def sst2_dir(tmp_path_factory) -> str:
+    """Generated SST-2-format train (160 rows) and dev (48 rows) files."""
+    return builtin.write_builtin_sst2(str(tmp_path_factory.mktemp("glue")), n_train=160, n_dev=48, seed=1)
+
+
+def write_tsv(path: Path, header: list[str] | None, rows: list[list[str]]) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    lines = (["\t".join(header)] if header else []) + ["\t".join(r) for r in rows]
+    path.write_text("\n".join(lines) + "\n", encoding="utf-8")
+
+
+@pytest.fixture(scope="session")
+def stsb_dir(tmp_path_factory) -> str:
+    """Generated STS-B-format pairs (regression): the score grows with the number of shared words."""
+    folder = tmp_path_factory.mktemp("stsb") / "STS-B"
+    rng = random.Random(2)
+    header = "index genre filename year old_index source1 source2 sentence1 sentence2 score".split()
+    for name, n in (("train.tsv", 80), ("dev.tsv", 24)):
+        rows = []
+        for i in range(n):
+            a = builtin._sentence(rng)[0].split()
+            b = a[: rng.randint(0, len(a))] + builtin._sentence(rng)[0].split()[:3]
+            score = 5.0 * len(set(a) & set(b)) / max(len(set(a) | set(b)), 1)
+            rows.append([str(i), "main", "f", "2012", str(i), "none", "none", " ".join(a), " ".join(b),
+                         f"{score:.3f}"])
+        write_tsv(folder / name, header, rows)
+    return str(folder)
+
+
+@pytest.fixture(scope="session")
+def mnli_dir(tmp_path_factory) -> str:
+    """Generated MNLI-format train, dev_matched and dev_mismatched files (three labels)."""
+    folder = tmp_path_factory.mktemp("mnli") / "MNLI"
+    rng = random.Random(3)
+    labels = ["contradiction", "entailment", "neutral"]
+    base = ["index", "promptID", "pairID", "genre", "sentence1_binary_parse", "sentence2_binary_parse",
+            "sentence1_parse", "sentence2_parse", "sentence1", "sentence2"]
+    for name, n, extra in (("train.tsv", 60, ["label1"]), ("dev_matched.tsv", 18, ["label1"] * 5),
+                           ("dev_mismatched.tsv", 15, ["label1"] * 5)):
+        header = base + [f"label{i + 1}" for i in range(len(extra))] + ["gold_label"]
+        rows = []
+        for i in range(n):
+            label = labels[i % 3]
+            s1, s2 = builtin._sentence(rng)[0], builtin._sentence(rng)[0]
+            rows.append([str(i), str(i), f"{i}e", "fiction", "()", "()", "()", "()", s1, s2]
+                        + [label] * len(extra) + [label])
+        write_tsv(folder / name, header, rows)
+    return str(folder)
+
+
+def model_state(folder: str) -> dict[str, torch.Tensor]:
+    """Every tensor a trained early-exit folder holds (stock weights and off-ramps)."""
+    from safetensors.torch import load_file
+
+    state = {f"backbone.{k}": v for k, v in load_file(os.path.join(folder, "model.safetensors")).items()}
+    state.update({f"ramps.{k}": v for k, v in load_file(os.path.join(folder, "off_ramps.safetensors")).items()})
+    return state

@@ -1,0 +1,168 @@
+"""Off-ramps and batched early exit against the plain model and against exiting one example at a time."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from transformers import (
+    AutoModelForSequenceClassification, BertConfig, BertForSequenceClassification, RobertaConfig,
+    RobertaForSequenceClassification,
+)
+
+from common.errors import UserError
+from common.models.highway import EarlyExitModel, EntropyExit, PatienceExit, entropy
+
+CONFIG = dict(vocab_size=60, hidden_size=32, num_hidden_layers=5, num_attention_heads=2, intermediate_size=48,
+              max_position_embeddings=40)
+
+
+def make_model(kind: str, num_labels: int = 3) -> EarlyExitModel:
+    torch.manual_seed(0)
+    if kind == "bert":
+        backbone = BertForSequenceClassification(BertConfig(num_labels=num_labels, **CONFIG))
+    else:
+        backbone = RobertaForSequenceClassification(RobertaConfig(num_labels=num_labels, pad_token_id=1, **CONFIG))
+    model = EarlyExitModel(backbone)
+    # Random off-ramps with larger weights so their confidence varies across rows and layers.
+    with torch.no_grad():
+        for ramp in model.off_ramps:
+            ramp.classifier.weight.normal_(0, 2.0)
+    return model.eval()
+
+
+def batch(n: int = 9, seq: int = 14, seed: int = 1) -> dict[str, torch.Tensor]:
+    gen = torch.Generator().manual_seed(seed)
+    ids = torch.randint(3, 60, (n, seq), generator=gen)
+    mask = torch.ones_like(ids)
+    for i in range(n):  # rows of different lengths, right-padded
+        length = 4 + (i * 3) % (seq - 4)
+        mask[i, length:] = 0
+        ids[i, length:] = 1
+    return {"input_ids": ids, "attention_mask": mask}
+
+
+def test_entropy_matches_hand_computed_values():
+    # Uniform over 3 classes: log 3. One-hot-ish logits [100, 0]: ~0. Logits [0, log 3] -> p = (1/4, 3/4):
+    # H = -(1/4 log 1/4 + 3/4 log 3/4) = 0.5623351446...
+    logits = torch.tensor([[0.0, 0.0, 0.0], [100.0, 0.0, 0.0], [0.0, math.log(3.0), -1e4]])
+    got = entropy(logits)
+    assert got[0].item() == pytest.approx(math.log(3.0), abs=1e-6)
+    assert got[1].item() == pytest.approx(0.0, abs=1e-6)
+    assert got[2].item() == pytest.approx(0.5623351446, abs=1e-6)
+
+
+@pytest.mark.parametrize("kind", ["bert", "roberta"])
+def test_no_exit_equals_plain_model(kind):
+    model, inputs = make_model(kind), batch()
+    plain = model.backbone(**inputs).logits
+    logits, exits = model.early_exit(EntropyExit(0.0), **inputs)  # entropy is never < 0
+    assert torch.allclose(logits, plain, atol=1e-5)
+    assert exits.tolist() == [5] * len(exits)
+    every = model.all_exit_logits(**inputs)
+    assert every.shape == (5, 9, 3)
+    assert torch.allclose(every[-1], plain, atol=1e-5)
+
+
+def make_rule(name: str, model: EarlyExitModel, inputs: dict) -> EntropyExit | PatienceExit:
+    """Entropy thresholds between two rows' first-off-ramp entropies (at a quantile), so some rows leave at
+    once and others go on; never equal to a row's entropy, where float noise would decide."""
+    if name.startswith("patience"):
+        return PatienceExit(int(name[-1]))
+    first = entropy(model.all_exit_logits(**inputs)[0]).sort().values
+    k = int(float(name.split("q")[1]) * (len(first) - 1))
+    return EntropyExit(float((first[k] + first[k + 1]) / 2))
+
+
+@pytest.mark.parametrize("kind", ["bert", "roberta"])
+@pytest.mark.parametrize("rule_name", ["entropy-q0.3", "entropy-q0.6", "patience1", "patience2"])
+def test_batched_exit_equals_one_at_a_time(kind, rule_name):
+    model, inputs = make_model(kind), batch()
+    rule = make_rule(rule_name, model, inputs)
+    logits, exits = model.early_exit(rule, **inputs)
+    for i in range(len(exits)):
+        one = {k: v[i: i + 1, : int(inputs["attention_mask"][i].sum())] for k, v in inputs.items()}
+        single_logits, single_exit = model.early_exit(rule, **one)
+        assert single_exit.item() == exits[i].item(), f"row {i}"
+        assert torch.allclose(single_logits[0], logits[i], atol=1e-4), f"row {i}"
+    if rule_name != "patience2":  # (random off-ramps rarely agree three times in a row)
+        # The rows really exit at different layers, so the batch shrinks mid-forward (the case being tested).
+        assert len(set(exits.tolist())) > 1, exits
+
+
+def test_exit_logits_are_the_off_ramp_of_the_exit_layer():
+    model, inputs = make_model("bert"), batch()
+    rule = make_rule("entropy-q0.5", model, inputs)
+    logits, exits = model.early_exit(rule, **inputs)
+    every = model.all_exit_logits(**inputs)
+    for i, layer in enumerate(exits.tolist()):
+        assert torch.allclose(logits[i], every[layer - 1, i], atol=1e-4)
+        ent = entropy(every[:, i])
+        # It left at the first off-ramp below the threshold (or ran to the end).
+        below = [j for j in range(4) if ent[j] < rule.threshold]
+        assert layer == (below[0] + 1 if below else 5)
+
+
+def test_patience_counts_agreeing_off_ramps():
+    model, inputs = make_model("bert"), batch()
+    _, exits = model.early_exit(PatienceExit(1), **inputs)
+    preds = model.all_exit_logits(**inputs).argmax(-1)  # [layers, rows]
+    for i, layer in enumerate(exits.tolist()):
+        agree = [j for j in range(1, 4) if preds[j, i] == preds[j - 1, i]]
+        assert layer == (agree[0] + 1 if agree else 5)
+
+
+def test_patience_on_regression_uses_threshold():
+    model = make_model("bert", num_labels=1)
+    inputs = batch()
+    _, tight = model.early_exit(PatienceExit(1, regression=True, regression_threshold=1e-9), **inputs)
+    _, loose = model.early_exit(PatienceExit(1, regression=True, regression_threshold=1e9), **inputs)
+    assert tight.tolist() == [5] * 9  # nothing agrees within 1e-9
+    assert loose.tolist() == [2] * 9  # everything agrees: leave at the second off-ramp
+
+
+def test_stage_freezing_and_pooler_copy():
+    model = make_model("bert")
+    model.off_ramps_trained = False
+    model.set_stage(1)
+    assert all(p.requires_grad for p in model.backbone.parameters())
+    assert not any(p.requires_grad for p in model.off_ramps.parameters())
+    model.set_stage(2)
+    assert not any(p.requires_grad for p in model.backbone.parameters())
+    assert all(p.requires_grad for p in model.off_ramps.parameters())
+    pooler = model.backbone.bert.pooler.dense
+    assert all(torch.equal(r.pooler.weight, pooler.weight) for r in model.off_ramps)
+
+
+def test_stage_two_loss_is_sum_of_off_ramp_losses():
+    model, inputs = make_model("bert"), batch()
+    labels = torch.tensor([0, 1, 2, 0, 1, 2, 0, 1, 2])
+    model.eval()  # no dropout, so the two computations see the same activations
+    loss = model(labels=labels, train_off_ramps=True, **inputs)["loss"]
+    every = model.all_exit_logits(**inputs)
+    expected = sum(torch.nn.functional.cross_entropy(every[j], labels) for j in range(4))
+    assert loss.item() == pytest.approx(expected.item(), rel=1e-5)
+    loss.backward()
+    assert all(p.grad is not None for p in model.off_ramps.parameters())
+
+
+def test_save_and_reload_keeps_off_ramps_and_loads_in_stock_transformers(tmp_path):
+    model, inputs = make_model("roberta"), batch()
+    model.off_ramps_trained = True  # as after stage two
+    model.save_pretrained(str(tmp_path))
+    again = EarlyExitModel.from_pretrained(str(tmp_path)).eval()
+    assert again.off_ramps_trained
+    for rule in (EntropyExit(1.0), PatienceExit(1)):
+        a, ea = model.early_exit(rule, **inputs)
+        b, eb = again.early_exit(rule, **inputs)
+        assert torch.equal(ea, eb) and torch.allclose(a, b, atol=1e-6)
+    stock = AutoModelForSequenceClassification.from_pretrained(str(tmp_path)).eval()
+    assert torch.allclose(stock(**inputs).logits, model.backbone(**inputs).logits, atol=1e-6)
+
+
+def test_off_ramps_of_another_shape_are_rejected(tmp_path):
+    make_model("bert", num_labels=3).save_pretrained(str(tmp_path))
+    config = BertConfig.from_pretrained(str(tmp_path), num_labels=2)
+    with pytest.raises(UserError, match="off-ramps were trained for 3 labels"):
+        EarlyExitModel.from_pretrained(str(tmp_path), config=config, ignore_mismatched_sizes=True)
