@@ -57,6 +57,7 @@ class TrainConfig:
     warmup_proportion: float = 0.0
     logging_steps: int = 50
     save_steps: int = 0
+    save_each_epoch: bool = False
     seed: int = 42
     fp16: bool = False
     bf16: bool = False
@@ -522,6 +523,9 @@ def train(
             else:
                 state.epoch += 1
                 state.step_in_epoch = 0
+                already_saved = cfg.save_steps > 0 and state.global_step % cfg.save_steps == 0
+                if cfg.save_each_epoch and not already_saved:
+                    last_checkpoint = _save_checkpoint(ctx, cfg, state, optimizer, scheduler, scaler, save_model)
     finally:
         bar.close()
     seconds = time.perf_counter() - start

@@ -59,6 +59,7 @@ logger = logging.getLogger("run_glue_early_exit")
 
 MODEL_TYPES = ("bert", "roberta")
 DEFAULT_ENTROPY_SWEEP = (0.0, 0.05, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7)
+DEFAULT_PATIENCE_SWEEP = (1, 2, 3, 4)
 STAGE1, STAGE2 = "checkpoint-stage1", "checkpoint-stage2"
 
 
@@ -142,14 +143,15 @@ def exit_rules(args: argparse.Namespace, regression: bool) -> tuple[tuple[ExitRu
                         "use --patience (PABEE) instead")
     if args.regression_threshold <= 0:
         problems.append("--regression_threshold must be positive")
-    if not entropies and not args.patience and args.eval_highway and not regression:
-        entropies = list(DEFAULT_ENTROPY_SWEEP)
-    if not entropies and not args.patience and args.eval_highway and regression:
-        args_patience = [1, 2, 3, 4]
-    else:
-        args_patience = list(args.patience or [])
+    patiences = list(args.patience or [])
+    if args.eval_highway and not entropies and not patiences:
+        # --eval_highway alone: a default sweep (patience on regression tasks, where entropy has no meaning).
+        if regression:
+            patiences = list(DEFAULT_PATIENCE_SWEEP)
+        else:
+            entropies = list(DEFAULT_ENTROPY_SWEEP)
     rules: list[ExitRule] = [EntropyExit(float(e)) for e in dict.fromkeys(entropies)]
-    rules += [PatienceExit(p, regression, args.regression_threshold) for p in dict.fromkeys(args_patience)]
+    rules += [PatienceExit(p, regression, args.regression_threshold) for p in dict.fromkeys(patiences)]
     return tuple(rules), problems
 
 

@@ -15,7 +15,7 @@ import torch
 
 import run_glue_early_exit as script
 from common.errors import UserError
-from conftest import ROOT, model_state, write_tsv
+from conftest import ROOT, model_state
 
 SCRIPT = str(ROOT / "scripts" / "run_glue_early_exit.py")
 FAST = ["--max_seq_length", "32", "--per_gpu_train_batch_size", "16", "--per_gpu_eval_batch_size", "16",
