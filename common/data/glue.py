@@ -24,6 +24,7 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
+from tqdm.auto import tqdm
 
 from common.errors import UserError, file_error
 
@@ -394,7 +395,8 @@ def featurize(examples: Sequence[InputExample], tokenizer, task_name: str | Glue
     labels = _label_tensor(task, examples)
     keys = ("input_ids", "attention_mask", "token_type_ids")
     rows: dict[str, list[list[int]]] = {k: [] for k in keys}
-    for start in range(0, len(examples), batch_size):
+    starts = range(0, len(examples), batch_size)
+    for start in tqdm(starts, desc=f"featurize {task.name}", unit="batch", leave=False, disable=len(starts) < 2):
         batch = examples[start:start + batch_size]
         # Unpadded lists, padded below in one numpy pass: much faster than return_tensors="pt" per batch.
         enc = tokenizer([ex.text_a for ex in batch], [ex.text_b for ex in batch] if pairs else None,
