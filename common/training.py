@@ -50,6 +50,7 @@ class TrainConfig:
     learning_rate: float = 5e-5
     weight_decay: float = 0.0
     adam_epsilon: float = 1e-8
+    adam_betas: tuple[float, float] = (0.9, 0.999)
     max_grad_norm: float = 1.0
     num_train_epochs: float = 3.0
     max_steps: int = -1
@@ -150,13 +151,14 @@ def make_batch(
     """Gather rows into a batch on `device`; with dynamic padding, trim [B, S] tensors to the longest row."""
     idx = torch.as_tensor(list(indices), dtype=torch.long)
     batch = {k: v.index_select(0, idx) for k, v in dataset.items()}
-    if dynamic_padding and "attention_mask" in batch:
+    if dynamic_padding and "attention_mask" in batch and len(idx):
         mask = batch["attention_mask"]
         seq_len = mask.shape[1]
-        longest = int(mask.sum(dim=1).max().item()) if len(idx) else seq_len
-        if longest < seq_len:
-            # Features are right-padded, so the first `longest` columns hold every real token.
-            batch = {k: (v[:, :longest] if v.dim() == 2 and v.shape[1] == seq_len else v) for k, v in batch.items()}
+        used = mask.bool().any(dim=0).nonzero().flatten()
+        first, last = (int(used[0]), int(used[-1]) + 1) if len(used) else (0, seq_len)
+        if last - first < seq_len:
+            # The span of columns holding any real token: right- and left-padded features alike.
+            batch = {k: (v[:, first:last] if v.dim() == 2 and v.shape[1] == seq_len else v) for k, v in batch.items()}
     return {k: v.to(device, non_blocking=True) for k, v in batch.items()}
 
 
@@ -220,20 +222,23 @@ def _set_rng_state(state: Mapping[str, Any]) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
-def write_json_atomic(path: str, obj: Any) -> None:
-    """Write JSON through a temporary file renamed into place (a crash never leaves half a file)."""
-    tmp = f"{path}.tmp-{os.getpid()}"
-    with open(tmp, "w", encoding="utf-8") as f:
-        json.dump(obj, f, indent=2, sort_keys=True, default=str)
-        f.write("\n")
-    os.replace(tmp, path)
-
-
 def write_text_atomic(path: str, text: str) -> None:
+    """Write text through a temporary file renamed into place: a crash leaves the old file or none, never
+    half a file, and no temporary file behind."""
     tmp = f"{path}.tmp-{os.getpid()}"
-    with open(tmp, "w", encoding="utf-8") as f:
-        f.write(text)
-    os.replace(tmp, path)
+    try:
+        with open(tmp, "w", encoding="utf-8") as f:
+            f.write(text)
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise
+
+
+def write_json_atomic(path: str, obj: Any) -> None:
+    """JSON (indented, sorted keys) written atomically, as write_text_atomic."""
+    write_text_atomic(path, json.dumps(obj, indent=2, sort_keys=True, default=str) + "\n")
 
 
 def save_folder_atomic(save: Callable[[str], None], dest: str) -> None:
@@ -269,9 +274,12 @@ def read_checkpoint_state(path: str) -> TrainState:
     for needed in ("optimizer.pt", "scheduler.pt"):
         if not os.path.isfile(os.path.join(path, needed)):
             raise UserError(f"{path} is an incomplete checkpoint: {needed} is missing; resume from another one")
-    with open(state_file, encoding="utf-8") as f:
-        raw = json.load(f)
-    return TrainState(**raw)
+    try:
+        with open(state_file, encoding="utf-8") as f:
+            return TrainState(**json.load(f))
+    except (ValueError, TypeError) as err:
+        raise UserError(f"{state_file} is damaged or was not written by these scripts ({err}); resume from "
+                        "another checkpoint") from None
 
 
 def find_checkpoints(output_dir: str) -> list[str]:
@@ -384,6 +392,7 @@ def train(
     resume_from: str | None = None,
     stage_index: int = 0,
     on_log: Callable[[TrainState], dict[str, float]] | None = None,
+    batch_order: Callable[[int, DistContext], list[list[int]]] | None = None,
 ) -> TrainResult:
     """Train `model` on `dataset` with the script's `loss_step`, returning the step count and average loss.
 
@@ -391,6 +400,9 @@ def train(
     wrapped in DDP when running under torchrun. `save_model(folder)` writes whatever the script needs to
     reload the model (weights, config, tokenizer) into a checkpoint folder. `on_log(state)`, if given, runs
     on every rank at each logging step (e.g. an evaluation) and its values are logged with the loss.
+    `batch_order(epoch, ctx)`, if given, replaces the seeded shuffle (`epoch_batches`) with the script's own
+    batches for this rank (e.g. length-grouped); it must be a pure function of the epoch (and the script's
+    seed) for exact resume, and give every rank the same number of batches as `epoch_batches` would.
     """
     os.makedirs(cfg.output_dir, exist_ok=True)
     n = dataset_size(dataset)
@@ -413,6 +425,7 @@ def train(
         [{k: v for k, v in g.items() if k != "names"} for g in groups],
         lr=cfg.learning_rate,
         eps=cfg.adam_epsilon,
+        betas=cfg.adam_betas,
         weight_decay=cfg.weight_decay,
     )
     scheduler = get_linear_schedule_with_warmup(optimizer, num_warmup_steps=warmup, num_training_steps=total_steps)
@@ -449,7 +462,13 @@ def train(
     try:
         while state.global_step < total_steps:
             step_loss: torch.Tensor | None = None  # this optimization step's loss, summed over micro-batches
-            batches = epoch_batches(n, cfg.per_device_batch_size, cfg.seed, state.epoch, ctx)
+            if batch_order is None:
+                batches = epoch_batches(n, cfg.per_device_batch_size, cfg.seed, state.epoch, ctx)
+            else:
+                batches = batch_order(state.epoch, ctx)
+                if len(batches) != steps_per_epoch:
+                    raise ValueError(f"batch_order gave {len(batches)} batches for epoch {state.epoch}, expected "
+                                     f"{steps_per_epoch} per device")
             usable = updates_per_epoch * cfg.gradient_accumulation_steps
             batches = batches[state.step_in_epoch * cfg.gradient_accumulation_steps : usable]
             for micro, indices in enumerate(batches):
