@@ -21,7 +21,8 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 from matplotlib.ticker import MaxNLocator
 
-__all__ = ["UnsupportedImageError", "figure_to_array", "plot_early_exit_sweep", "plot_metric_per_layer", "save"]
+__all__ = ["UnsupportedImageError", "figure_to_array", "plot_early_exit_sweep", "plot_metric_per_layer",
+           "plot_remaining_weights", "plot_threshold_schedule", "plot_training_curves", "save"]
 
 # Extensions written by cv2.imwrite; every other extension goes through Matplotlib's savefig.
 _CV2_EXTENSIONS = {".png", ".jpg", ".jpeg"}
@@ -271,4 +272,110 @@ def plot_early_exit_sweep(
     ax_layer.set_title("Metric vs average exit layer (labels: threshold)")
     ax_speed.set_title("Metric vs speed-up (labels: threshold)")
     fig.suptitle(title if title is not None else f"Early-exit sweep: {metric_name}")
+    return fig
+
+
+def plot_training_curves(
+    curves: Mapping[str, tuple[Sequence[float], Sequence[float]]],
+    title: str | None = None,
+    xlabel: str = "Optimization step",
+) -> Figure:
+    """One small panel per curve (name -> (steps, values)): loss terms of different scales each keep a readable
+    y range. Panels follow the mapping's order, three per row."""
+    named = [(name, [float(x) for x in xs], [float(y) for y in ys]) for name, (xs, ys) in curves.items()]
+    named = [(name, xs, ys) for name, xs, ys in named if xs]
+    if not named:
+        raise ValueError("plot_training_curves needs at least one non-empty curve")
+    for name, xs, ys in named:
+        if len(xs) != len(ys):
+            raise ValueError(f"curve {name!r} has {len(xs)} steps but {len(ys)} values")
+    cols = min(3, len(named))
+    rows = -(-len(named) // cols)
+    fig = _new_figure((4.2 * cols, 3.0 * rows))
+    axes = np.atleast_1d(fig.subplots(rows, cols, squeeze=False)).ravel()
+    for ax, (name, xs, ys) in zip(axes, named):
+        ax.plot(xs, ys, marker="." if len(xs) < 40 else None)
+        ax.set_title(name)
+        ax.grid(True, alpha=0.3)
+        ax.set_xlabel(xlabel)
+    for ax in axes[len(named):]:
+        ax.set_visible(False)
+    if title:
+        fig.suptitle(title)
+    return fig
+
+
+def plot_remaining_weights(
+    fractions: Mapping[int, Mapping[str, float]],
+    title: str | None = None,
+) -> Figure:
+    """Movement pruning: the fraction of weights kept in each encoder layer (rows) and matrix (columns), as
+    an annotated heat map, and each layer's overall fraction as bars.
+
+    `fractions[layer][matrix]` is in [0, 1]; the bars weigh every matrix equally unless `fractions[layer]`
+    has an `"_layer"` entry, which is used instead (the exact fraction of the layer's weights)."""
+    if not fractions:
+        raise ValueError("plot_remaining_weights needs at least one layer")
+    layers = sorted(fractions)
+    matrices = list(dict.fromkeys(m for layer in layers for m in fractions[layer] if m != "_layer"))
+    grid = np.array([[float(fractions[layer].get(m, np.nan)) for m in matrices] for layer in layers])
+    per_layer = [float(fractions[layer].get("_layer", np.nanmean(grid[i]))) for i, layer in enumerate(layers)]
+    fig = _new_figure((4 + 1.3 * len(matrices), 1.5 + 0.45 * len(layers)))
+    ax_map, ax_bar = fig.subplots(1, 2, gridspec_kw={"width_ratios": [max(len(matrices), 1), 2]})
+    image = ax_map.imshow(100 * grid, cmap="viridis", vmin=0, vmax=100, aspect="auto")
+    for i in range(len(layers)):
+        for j in range(len(matrices)):
+            if np.isfinite(grid[i, j]):
+                ax_map.text(j, i, f"{100 * grid[i, j]:.1f}", ha="center", va="center", fontsize=8,
+                            color="white" if grid[i, j] < 0.6 else "black")
+    ax_map.set_xticks(range(len(matrices)))
+    ax_map.set_xticklabels(matrices, rotation=30, ha="right", fontsize=8)
+    ax_map.set_yticks(range(len(layers)))
+    ax_map.set_yticklabels([str(layer) for layer in layers])
+    ax_map.set_ylabel("Encoder layer")
+    ax_map.set_title("Remaining weights per matrix (%)")
+    fig.colorbar(image, ax=ax_map, fraction=0.04)
+    ax_bar.barh(range(len(layers)), [100 * v for v in per_layer], color="tab:blue")
+    ax_bar.set_yticks(range(len(layers)))
+    ax_bar.set_yticklabels([str(layer) for layer in layers])
+    ax_bar.invert_yaxis()  # same order as the heat map (layer 0 on top)
+    ax_bar.set_xlim(0, 100)
+    ax_bar.set_xlabel("Remaining weights (%)")
+    ax_bar.set_title("Per layer")
+    ax_bar.grid(True, axis="x", alpha=0.3)
+    fig.suptitle(title if title is not None else "Remaining weights after pruning")
+    return fig
+
+
+def plot_threshold_schedule(
+    steps: Sequence[int],
+    thresholds: Sequence[float],
+    threshold_label: str = "threshold",
+    lambdas: Sequence[float] | None = None,
+    measured: Mapping[int, float] | None = None,
+    title: str | None = None,
+) -> Figure:
+    """The pruning schedule over training: the threshold at each step (left axis), the regularization
+    lambda if given (right axis, dashed), and measured remaining-weight fractions as points."""
+    if len(steps) == 0 or len(steps) != len(thresholds):
+        raise ValueError("plot_threshold_schedule needs one threshold per step (and at least one step)")
+    fig = _new_figure((7, 4))
+    ax = fig.add_subplot()
+    ax.plot(list(steps), [float(t) for t in thresholds], color="tab:blue", label=threshold_label)
+    if measured:
+        xs = sorted(measured)
+        ax.plot(xs, [float(measured[x]) for x in xs], "o", color="tab:green", markersize=4,
+                label="remaining weights (measured)")
+    ax.set_xlabel("Optimization step")
+    ax.set_ylabel(threshold_label)
+    ax.grid(True, alpha=0.3)
+    handles, labels = ax.get_legend_handles_labels()
+    if lambdas is not None and any(float(v) != 0 for v in lambdas):
+        ax_lambda = ax.twinx()
+        ax_lambda.plot(list(steps), [float(v) for v in lambdas], "--", color="tab:red", label="regularization lambda")
+        ax_lambda.set_ylabel("lambda")
+        more_handles, more_labels = ax_lambda.get_legend_handles_labels()
+        handles, labels = handles + more_handles, labels + more_labels
+    ax.legend(handles, labels, loc="best")
+    ax.set_title(title if title is not None else "Pruning schedule")
     return fig

@@ -188,6 +188,8 @@ def resolve_run(args: argparse.Namespace, ctx: DistContext) -> Run:
     elif args.data_dir is not None and not os.listdir(args.data_dir):
         problems.append(f"--data_dir {args.data_dir} is empty; it should hold the task's train.tsv / dev.tsv")
     raise_if_problems(problems)
+    # Every rank has checked the output folder before rank 0 writes anything into it.
+    barrier()
     if args.fp16_opt_level:
         logger.warning("--fp16_opt_level %s ignored: torch.amp has no apex opt levels", args.fp16_opt_level)
 

@@ -1,0 +1,129 @@
+#!/usr/bin/env python
+"""Count the remaining (non-pruned) weights of the encoder, per matrix, per layer and in total, for a
+fine-pruned (masked) model, whatever its pruning method, or for a bertarized checkpoint (non-zero weights).
+Sparsity and remaining weights are two views of one number: sparsity % = 100 - remaining %.
+
+    python scripts/count_parameters.py --serialization_dir runs/squad          # a masked run
+    python scripts/count_parameters.py --serialization_dir runs/bertarized_squad
+    python scripts/count_parameters.py --serialization_dir runs/squad --threshold 0.1 --json counts.json
+
+For a masked folder the masks are rebuilt from the recorded method and threshold (--threshold replaces the
+threshold; the original's masked_bert folders need it). Two totals are printed: the prunable matrices alone,
+and the whole encoder with its biases and LayerNorm weights counted as remaining (the original's "global"
+figure).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from typing import Any, Sequence
+
+_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+if _ROOT not in sys.path:
+    sys.path.insert(0, _ROOT)
+
+import torch  # noqa: E402
+
+from common.errors import UserError, run_cli  # noqa: E402
+from common.models import masked  # noqa: E402
+from common.training import write_json_atomic  # noqa: E402
+
+
+def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser.add_argument("--serialization_dir", "--model_name_or_path", dest="serialization_dir", required=True,
+                        help="Folder of a fine-pruned (masked) model or of a bertarized checkpoint.")
+    parser.add_argument("--pruning_method", default=None,
+                        help="Checked against the method a masked folder records.")
+    parser.add_argument("--threshold", default=None, type=float,
+                        help="Replace the recorded threshold of a masked folder.")
+    parser.add_argument("--json", default=None, help="Also write the counts to this JSON file.")
+    return parser.parse_args(argv)
+
+
+def count_masked(folder: str, args: argparse.Namespace) -> tuple[dict[str, tuple[int, int]], Any, str, dict]:
+    """(kept, total) of each masked matrix, the encoder's other parameters, the layer prefix and the state."""
+    state = masked.masked_state_of(masked.read_config_json(folder))
+    if args.pruning_method is not None and args.pruning_method != state.method:
+        raise UserError(f"--pruning_method {args.pruning_method} does not match {folder}, which was pruned with "
+                        f"{state.method}")
+    problem = None if args.threshold is None else masked.threshold_problem(state.method, args.threshold)
+    if problem:
+        raise UserError(problem)
+    model = masked.load_masked_model(folder, threshold=args.threshold)
+    prefix = masked.encoder_layers_prefix(model)
+    counts = masked.remaining_weights(model)
+    matrices = {f"{n}.weight" for n in counts}
+    others = sum(p.numel() for n, p in model.named_parameters()
+                 if n.startswith(prefix + ".") and n not in matrices and not n.endswith("mask_scores"))
+    return counts, others, prefix, masked.pruning_state(model).to_json()
+
+
+def count_dense(folder: str) -> tuple[dict[str, tuple[int, int]], int, str]:
+    """(non-zero, total) of each encoder matrix of a standard checkpoint, read from its weight files."""
+    config_dict = masked.read_config_json(folder)
+    with torch.device("meta"):  # only the module names and shapes are needed
+        model = masked.build_model(masked.stock_config(config_dict))
+    prefix = masked.encoder_layers_prefix(model)
+    base = getattr(model, "base_model_prefix", "")
+    linear = {f"{n}.weight" for n, m in model.named_modules()
+              if n.startswith(prefix + ".") and isinstance(m, torch.nn.Linear)}
+    state = masked.read_state_dict(folder)
+    by_name = {}
+    for key, tensor in state.items():
+        # A QA checkpoint names `bert.encoder...`, a bare encoder `encoder...`: match either.
+        full = key if key in linear or key.startswith(base + ".") else f"{base}.{key}"
+        by_name[full] = tensor
+    missing = sorted(linear - set(by_name))
+    if missing:
+        raise UserError(f"{folder} does not hold the encoder weights of its config (missing {missing[0]})")
+    counts = {n[: -len(".weight")]: (int((by_name[n] != 0).sum()), by_name[n].numel()) for n in sorted(linear)}
+    others = sum(t.numel() for n, t in by_name.items()
+                 if n.startswith(prefix + ".") and n not in linear and t.is_floating_point())
+    return counts, others, prefix
+
+
+def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
+    args = parse_args(argv)
+    import transformers
+
+    transformers.utils.logging.set_verbosity_error()
+    folder = args.serialization_dir
+    if not os.path.isdir(folder):
+        raise UserError(f"--serialization_dir {folder} is not a folder; give a fine-pruned or bertarized model")
+    if masked.is_masked_folder(folder):
+        counts, others, prefix, pruning = count_masked(folder, args)
+    else:
+        if args.threshold is not None or args.pruning_method is not None:
+            raise UserError(f"{folder} holds a standard (bertarized) checkpoint: it has no masks, so "
+                            "--threshold/--pruning_method do not apply; its zero weights are counted")
+        counts, others, prefix = count_dense(folder)
+        pruning = None
+    summary = masked.summarize_remaining(counts, prefix)
+    kept, total = summary["encoder"]["kept"], summary["encoder"]["total"]
+    result = {"folder": folder, "pruning": pruning, **summary,
+              "encoder_all_parameters": {"kept": kept + others, "total": total + others,
+                                         "fraction": (kept + others) / (total + others)}}
+    width = max(len(n) for n in counts) + 2
+    print("name".ljust(width), "remaining %".rjust(12), "remaining".rjust(12), "total".rjust(12))
+    for name, (k, t) in counts.items():
+        print(name.ljust(width), f"{100 * k / t:12.3f}", f"{k:12,d}", f"{t:12,d}")
+    print()
+    for layer, info in summary["layers"].items():
+        print(f"layer {layer}".ljust(width), f"{100 * info['fraction']:12.3f}", f"{info['kept']:12,d}",
+              f"{info['total']:12,d}")
+    print()
+    print(f"Remaining weights of the encoder's matrices: {100 * summary['encoder']['fraction']:.3f}% "
+          f"({kept:,} of {total:,})")
+    print(f"Remaining Weights (global) %: {100 * result['encoder_all_parameters']['fraction']:.3f} "
+          f"(biases and LayerNorm of the encoder counted as remaining)")
+    if args.json:
+        write_json_atomic(args.json, result)
+    return result
+
+
+if __name__ == "__main__":
+    sys.exit(run_cli(main))

@@ -1,0 +1,625 @@
+#!/usr/bin/env python
+"""Movement pruning: fine-prune a question-answering encoder on SQuAD v1.1 / v2.0 (Sanh, Wolf & Rush 2020).
+
+Every nn.Linear of the encoder's layers becomes a masked layer whose mask follows importance scores learned
+during fine-tuning (--pruning_method topK: movement pruning; sigmoied_threshold: soft movement pruning;
+magnitude, threshold, l0), while the cubic schedule takes the threshold from --initial_threshold to
+--final_threshold. Optional distillation from a fine-tuned teacher (--teacher_name_or_path). --model_type bert
+(no "masked_" prefix) fine-tunes the dense model instead, as the original did.
+
+    python scripts/run_squad_pruning.py --do_train --do_eval           # built-in demo, no download
+    python scripts/run_squad_pruning.py --model_type masked_bert --model_name_or_path bert-base-uncased \\
+        --data_dir squad --train_file train-v1.1.json --predict_file dev-v1.1.json --output_dir runs/squad \\
+        --do_train --do_eval --do_lower_case --per_gpu_train_batch_size 16 --warmup_steps 5400 \\
+        --num_train_epochs 10 --learning_rate 3e-5 --mask_scores_learning_rate 1e-2 \\
+        --initial_threshold 1 --final_threshold 0.15 --initial_warmup 1 --final_warmup 2 \\
+        --pruning_method topK --mask_init constant --mask_scale 0.
+    torchrun --nproc_per_node=4 scripts/run_squad_pruning.py ...same flags...
+
+Writes into --output_dir: the masked model (a transformers checkpoint plus the mask scores, its pruning state
+in config.json; scripts/bertarize.py turns it into a stock one), predictions_.json, nbest_predictions_.json,
+null_odds_.json (v2.0), eval_results.json / eval_results.txt, remaining_weights.json / .png,
+threshold_schedule.png, log_history.jsonl, TensorBoard events under runs/, checkpoint-NNNNNN/ folders and
+run_args.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import math
+import os
+import sys
+from dataclasses import dataclass
+from typing import Any, Sequence
+
+_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+if _ROOT not in sys.path:
+    sys.path.insert(0, _ROOT)
+
+import torch  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
+from tensorboardX import SummaryWriter  # noqa: E402
+from transformers import AutoModelForQuestionAnswering, AutoTokenizer  # noqa: E402
+
+from common import visualize  # noqa: E402
+from common.args import (  # noqa: E402
+    add_distributed_args, add_model_args, add_training_args, check_output_dir, check_training_args,
+    raise_if_problems,
+)
+from common.caching import file_identity, load_and_cache_examples, tokenizer_identity  # noqa: E402
+from common.data import squad  # noqa: E402
+from common.distillation import soft_cross_entropy  # noqa: E402
+from common.distributed import (  # noqa: E402
+    DistContext, barrier, broadcast_object, cleanup_distributed, main_process_first, setup_distributed,
+)
+from common.errors import UserError, run_cli  # noqa: E402
+from common.logging_utils import setup_logging  # noqa: E402
+from common.models import masked  # noqa: E402
+from common.pretrained import check_model_folder  # noqa: E402
+from common.training import (  # noqa: E402
+    TrainConfig, check_precision_flags, find_checkpoints, param_groups, predict, read_checkpoint_state,
+    resolve_resume_path, save_folder_atomic, set_seed, train, write_json_atomic, write_text_atomic,
+)
+
+logger = logging.getLogger("run_squad_pruning")
+
+MODEL_INPUTS = ("input_ids", "attention_mask", "token_type_ids")
+LABELS = ("start_positions", "end_positions")
+PAD_LOGIT = -1e4  # logits of padding positions: never among the n best
+PRUNING_FLAGS = ("pruning_method", "mask_init", "mask_scale", "mask_scores_learning_rate", "initial_threshold",
+                 "final_threshold", "initial_warmup", "final_warmup", "final_lambda",
+                 "global_topk_frequency_compute")
+
+# The built-in demo trains a small BERT from scratch on generated questions; these replace the defaults only
+# for flags the user did not give.
+BUILTIN_DEFAULTS = {
+    "learning_rate": 1e-3, "num_train_epochs": 4.0, "warmup_steps": 60, "per_gpu_train_batch_size": 32,
+    "per_gpu_eval_batch_size": 64, "max_seq_length": 64, "doc_stride": 32, "max_query_length": 16,
+    "initial_threshold": 1.0, "final_threshold": 0.1, "initial_warmup": 1, "final_warmup": 2,
+    "mask_scores_learning_rate": 1e-2, "logging_steps": 50, "save_steps": 0,
+}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    add_model_args(parser)
+    g = parser.add_argument_group("data")
+    g.add_argument("--data_dir", default=None, help="Folder holding the SQuAD .json files.")
+    g.add_argument("--train_file", default=None, help="Training file (in --data_dir), e.g. train-v1.1.json.")
+    g.add_argument("--predict_file", default=None, help="Evaluation file (in --data_dir), e.g. dev-v1.1.json.")
+    g.add_argument("--version_2_with_negative", action="store_true",
+                   help="SQuAD v2.0: some questions have no answer in their context.")
+    g.add_argument("--null_score_diff_threshold", default=0.0, type=float,
+                   help="v2.0: predict no answer when null score - best span score is above this.")
+    g.add_argument("--max_seq_length", default=384, type=int,
+                   help="Tokens per window (question + context part + special tokens).")
+    g.add_argument("--doc_stride", default=128, type=int,
+                   help="Context tokens between the starts of two windows over a long context.")
+    g.add_argument("--max_query_length", default=64, type=int, help="Questions are cut to this many tokens.")
+    g.add_argument("--n_best_size", default=20, type=int,
+                   help="Start/end candidates per window, and answers kept in nbest_predictions.")
+    g.add_argument("--max_answer_length", default=30, type=int, help="Longest answer, in tokens.")
+    g.add_argument("--verbose_logging", action="store_true",
+                   help="Name every training question skipped because its answer is not at its answer_start.")
+    add_training_args(parser)
+    add_distributed_args(parser)
+    g = parser.add_argument_group("run")
+    g.add_argument("--do_train", action="store_true", help="Fine-prune (or fine-tune) on --train_file.")
+    g.add_argument("--do_eval", action="store_true", help="Evaluate on --predict_file.")
+    g.add_argument("--evaluate_during_training", action="store_true",
+                   help="Evaluate at every logging step (EM/F1 in the log and TensorBoard).")
+    g.add_argument("--eval_all_checkpoints", action="store_true",
+                   help="Also evaluate every checkpoint-* folder in --output_dir.")
+    g = parser.add_argument_group("pruning")
+    g.add_argument("--pruning_method", default="topK",
+                   help="topK (movement pruning), sigmoied_threshold (soft movement pruning), magnitude, "
+                        "threshold, l0 (L0 regularization).")
+    g.add_argument("--mask_init", default="constant", help="Initialization of the mask scores: constant, "
+                   "uniform, kaiming.")
+    g.add_argument("--mask_scale", default=0.0, type=float,
+                   help="Value (constant) or half-width (uniform) of the initial scores.")
+    g.add_argument("--mask_scores_learning_rate", default=1e-2, type=float,
+                   help="AdamW learning rate of the mask scores (their own parameter group, no weight decay).")
+    g.add_argument("--initial_threshold", default=1.0, type=float,
+                   help="Threshold at the start of the schedule (topK/magnitude: fraction of weights kept).")
+    g.add_argument("--final_threshold", default=0.7, type=float, help="Threshold at the end of the schedule.")
+    g.add_argument("--initial_warmup", default=1, type=int,
+                   help="The threshold stays at its initial value for initial_warmup * warmup_steps steps.")
+    g.add_argument("--final_warmup", default=2, type=int,
+                   help="... and at its final value for the last final_warmup * warmup_steps steps.")
+    g.add_argument("--regularization", default=None,
+                   help="Penalty on the scores: l1 (soft movement), l0, or null (none).")
+    g.add_argument("--final_lambda", default=0.0, type=float,
+                   help="Regularization weight at the end (it follows the threshold schedule).")
+    g.add_argument("--global_topk", action="store_true",
+                   help="One threshold over the whole encoder's scores instead of one per matrix.")
+    g.add_argument("--global_topk_frequency_compute", default=25, type=int,
+                   help="Recompute the global threshold every N steps.")
+    g = parser.add_argument_group("distillation")
+    g.add_argument("--teacher_type", default=None, type=str.lower,
+                   help="Model family of the teacher (its tokenization must equal the student's).")
+    g.add_argument("--teacher_name_or_path", default=None, help="A model already fine-tuned on SQuAD.")
+    g.add_argument("--alpha_ce", default=0.5, type=float, help="Weight of the task (cross-entropy) loss.")
+    g.add_argument("--alpha_distil", default=0.5, type=float, help="Weight of the distillation loss.")
+    g.add_argument("--temperature", default=2.0, type=float, help="Distillation temperature.")
+    return parser
+
+
+def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.model_name_or_path is None and args.data_dir is None:
+        defaults = vars(parser.parse_args([]))
+        for name, value in BUILTIN_DEFAULTS.items():
+            if getattr(args, name) == defaults[name]:
+                setattr(args, name, value)
+    return args
+
+
+@dataclass(frozen=True)
+class Run:
+    """Resolved inputs of this run (what the flags point at once the built-in default is filled in)."""
+
+    train_file: str | None
+    predict_file: str | None
+    model_path: str
+    tokenizer_path: str
+    output_dir: str
+    builtin: bool
+    resume: str | None
+    masked: bool  # prune (model_type masked_* or none given) or fine-tune densely (model_type bert, ...)
+    model_type: str | None  # the family without the "masked_" prefix, if given
+    schedule: masked.Schedule
+    regularization: str | None
+    teacher_path: str | None
+
+
+def resolve_run(args: argparse.Namespace, ctx: DistContext) -> Run:
+    """Validate the flags (every problem in one error) and fill in the built-in default."""
+    problems = check_training_args(args)
+    problems += check_precision_flags(args.fp16, args.bf16, ctx.device)
+    if not args.do_train and not args.do_eval:
+        problems.append("nothing to do: add --do_train and/or --do_eval")
+    use_builtin = args.model_name_or_path is None and args.data_dir is None
+    if not use_builtin and (args.model_name_or_path is None or args.data_dir is None):
+        problems.append("give both --model_name_or_path and --data_dir (or neither, for the built-in demo)")
+    model_type = args.model_type
+    is_masked_run = model_type is None or model_type.startswith("masked_")
+    if model_type is not None and model_type.startswith("masked_"):
+        model_type = model_type[len("masked_"):]
+    regularization = None if args.regularization in (None, "null", "none") else args.regularization
+    if is_masked_run and args.do_train:
+        problems += masked.check_pruning_flags(args.pruning_method, args.initial_threshold, args.final_threshold,
+                                               regularization, args.final_lambda, args.global_topk, args.mask_init,
+                                               args.initial_warmup, args.final_warmup)
+        if args.mask_scores_learning_rate <= 0 and args.pruning_method in masked.SCORE_METHODS:
+            problems.append("--mask_scores_learning_rate must be positive")
+        if args.global_topk_frequency_compute < 1:
+            problems.append("--global_topk_frequency_compute must be at least 1")
+    elif args.do_train and (regularization is not None or args.global_topk):
+        problems.append(f"--regularization/--global_topk need a masked model; --model_type {args.model_type} "
+                        f"fine-tunes densely (use --model_type masked_{model_type})")
+    elif args.do_train:
+        defaults = vars(build_parser().parse_args([]))
+        ignored = [f"--{n}" for n in PRUNING_FLAGS if getattr(args, n) != defaults[n]]
+        if ignored:
+            logger.warning("%s ignored: --model_type %s fine-tunes the dense model (masked_%s prunes it)",
+                           ", ".join(ignored), args.model_type, model_type)
+    for flag in ("max_query_length", "doc_stride", "n_best_size", "max_answer_length"):
+        if getattr(args, flag) < 1:
+            problems.append(f"--{flag} must be at least 1 (got {getattr(args, flag)})")
+    if args.max_seq_length < 8:
+        problems.append(f"--max_seq_length {args.max_seq_length} is too short (at least 8)")
+    if not math.isfinite(args.null_score_diff_threshold):
+        problems.append("--null_score_diff_threshold must be a finite number")
+    if (args.teacher_type is None) != (args.teacher_name_or_path is None):
+        problems.append("distillation needs both --teacher_type and --teacher_name_or_path")
+    if args.teacher_name_or_path is not None:
+        if args.alpha_distil <= 0:
+            problems.append("--alpha_distil must be positive when distilling from a teacher")
+        if args.alpha_ce < 0:
+            problems.append("--alpha_ce cannot be negative")
+        if not args.temperature > 0:
+            problems.append("--temperature must be positive")
+    output_dir = args.output_dir or os.path.join("runs", "squad_pruning")
+    problems += check_output_dir(argparse.Namespace(**{**vars(args), "output_dir": output_dir}), args.do_train)
+    train_file = predict_file = None
+    if not use_builtin and args.data_dir is not None:
+        if not os.path.isdir(args.data_dir):
+            problems.append(f"--data_dir {args.data_dir} does not exist; point it at the folder holding the SQuAD "
+                            ".json files")
+        else:
+            for flag, needed in (("train_file", args.do_train), ("predict_file", args.do_eval)):
+                name = getattr(args, flag)
+                if needed and not name:
+                    problems.append(f"--{flag} is required with --do_{'train' if flag == 'train_file' else 'eval'} "
+                                    "(e.g. train-v1.1.json / dev-v1.1.json)")
+                elif needed and not os.path.isfile(os.path.join(args.data_dir, name)):
+                    problems.append(f"--{flag} {name}: no such file in {args.data_dir}")
+            train_file = os.path.join(args.data_dir, args.train_file) if args.train_file else None
+            predict_file = os.path.join(args.data_dir, args.predict_file) if args.predict_file else None
+    raise_if_problems(problems)
+    # Every rank checks the output folder before any rank writes into it (run_args.json, the built-in data).
+    barrier()
+    if args.doc_stride >= args.max_seq_length - args.max_query_length:
+        logger.warning("WARNING - You've set a doc stride which may be superior to the document length in some "
+                       "examples. This could result in errors when building features from the examples. Please "
+                       "reduce the doc stride or increase the maximum length to ensure the features are correctly "
+                       "built.")
+    if args.fp16_opt_level:
+        logger.warning("--fp16_opt_level %s ignored: torch.amp has no apex opt levels", args.fp16_opt_level)
+
+    resume = resolve_resume_path(args.resume_from_checkpoint, output_dir) if args.do_train else None
+    if use_builtin:
+        base = os.path.join(output_dir, "builtin")
+        data_dir, model_path = os.path.join(base, "data"), os.path.join(base, "model")
+        with main_process_first(ctx):
+            if ctx.is_main:  # the other ranks wait, then use what rank 0 wrote
+                squad.write_builtin_squad(data_dir, version_2=args.version_2_with_negative)
+                squad.write_builtin_squad_model(model_path)
+        version = "v2.0" if args.version_2_with_negative else "v1.1"
+        train_file = os.path.join(data_dir, f"train-{version}.json")
+        predict_file = os.path.join(data_dir, f"dev-{version}.json")
+        logger.warning("No --model_name_or_path/--data_dir: running the built-in demo (a small BERT built from a "
+                       "config, generated SQuAD %s-format questions about short biographies) in %s", version, base)
+    else:
+        model_path = args.model_name_or_path
+    if not args.do_train and args.output_dir is None and not use_builtin:
+        # Evaluation only: results go into the model folder when no --output_dir is given.
+        output_dir = model_path if os.path.isdir(model_path) else output_dir
+    schedule = masked.Schedule(args.initial_threshold, args.final_threshold, args.warmup_steps, args.initial_warmup,
+                               args.final_warmup, args.final_lambda if regularization else 0.0)
+    return Run(train_file=train_file, predict_file=predict_file, model_path=model_path,
+               tokenizer_path=args.tokenizer_name or model_path, output_dir=output_dir, builtin=use_builtin,
+               resume=resume, masked=is_masked_run, model_type=model_type, schedule=schedule,
+               regularization=regularization, teacher_path=args.teacher_name_or_path)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# model and data
+
+
+def load_tokenizer(path: str, args: argparse.Namespace) -> Any:
+    kwargs = {"do_lower_case": True} if args.do_lower_case else {}
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(path, cache_dir=args.cache_dir or None, **kwargs)
+    except (OSError, ValueError) as err:
+        raise UserError(f"cannot load a tokenizer from {path}: {str(err).splitlines()[0]}") from None
+    if not tokenizer.is_fast:
+        raise UserError(f"the tokenizer in {path} has no fast (Rust) version; SQuAD features need its offsets")
+    return tokenizer
+
+
+def load_model(path: str, args: argparse.Namespace, expected_type: str | None, flag: str = "--model_type") -> Any:
+    """A question-answering model from a folder: a masked one (this project's or the original's masked_bert)
+    rebuilt with its masks, otherwise the stock AutoModelForQuestionAnswering (a fresh QA head if it had none).
+    """
+    check_model_folder(path)
+    if os.path.isdir(path) and masked.is_masked_folder(path):
+        config_dict = masked.read_config_json(path)
+        family = "bert" if config_dict.get("model_type") == "masked_bert" else config_dict.get("model_type")
+        state = masked.masked_state_of(config_dict)
+        # The original's masked_bert folders record no threshold: its evaluation used --final_threshold.
+        unrecorded = state.threshold is None and state.method != "l0"
+        model = masked.load_masked_model(path, threshold=args.final_threshold if unrecorded else None)
+    else:
+        try:
+            model = AutoModelForQuestionAnswering.from_pretrained(path, cache_dir=args.cache_dir or None)
+        except (OSError, ValueError, RuntimeError) as err:
+            raise UserError(f"cannot load a question-answering model from {path}: "
+                            f"{str(err).splitlines()[0]}") from None
+        family = model.config.model_type
+    if expected_type is not None and family != expected_type:
+        raise UserError(f"{flag} {expected_type} does not match {path}, which holds a {family} model; "
+                        f"drop {flag} or pass {flag} {family}")
+    return model
+
+
+def has_qa_head(path: str) -> bool:
+    try:
+        return any("qa_outputs" in k for k in masked.read_state_dict(path))
+    except UserError:
+        return True  # a hub name: from_pretrained decides
+
+
+def load_student(path: str, args: argparse.Namespace, run: Run) -> Any:
+    """The model to train: a stock checkpoint gets its encoder's linear layers masked (a masked folder, e.g. a
+    checkpoint to resume, keeps its own masks)."""
+    model = load_model(path, args, run.model_type)
+    if masked.is_masked(model):
+        if not run.masked:
+            raise UserError(f"{path} holds a masked model; continue pruning it with --model_type "
+                            f"masked_{run.model_type}, or bertarize it first to fine-tune it densely")
+        method = masked.pruning_state(model).method
+        if method != args.pruning_method:
+            raise UserError(f"{path} was pruned with --pruning_method {method}; pass --pruning_method {method} "
+                            "to continue it")
+    elif run.masked:
+        names = masked.mask_model(model, args.pruning_method, args.mask_init, args.mask_scale)
+        logger.info("Masked %d linear layers of the encoder (%s, %s init)", len(names), args.pruning_method,
+                    args.mask_init)
+    return model.train()
+
+
+def load_teacher(args: argparse.Namespace, run: Run, student: Any, device: torch.device) -> Any:
+    if run.teacher_path is None:
+        return None
+    teacher = load_model(run.teacher_path, args, args.teacher_type.removeprefix("masked_"), "--teacher_type")
+    if teacher.config.vocab_size != student.config.vocab_size:
+        raise UserError(f"the teacher {run.teacher_path} has a vocabulary of {teacher.config.vocab_size} tokens, "
+                        f"the student {student.config.vocab_size}: distillation needs the same tokenization")
+    if not has_qa_head(run.teacher_path):
+        raise UserError(f"the teacher {run.teacher_path} has no question-answering head; fine-tune it on SQuAD "
+                        "first (--model_type bert)")
+    teacher.eval().requires_grad_(False)
+    return teacher.to(device)
+
+
+def load_features(ctx: DistContext, args: argparse.Namespace, run: Run, tokenizer: Any,
+                  split: str) -> tuple[dict[str, torch.Tensor], list[squad.SquadExample]]:
+    """Featurized split (from the cache when nothing that shapes it has changed) and its questions."""
+    source = run.train_file if split == "train" else run.predict_file
+    examples = squad.read_squad(source, args.version_2_with_negative)
+    is_training = split == "train"
+    key = {
+        "split": split, "version_2_with_negative": args.version_2_with_negative,
+        "max_seq_length": args.max_seq_length, "doc_stride": args.doc_stride,
+        "max_query_length": args.max_query_length, "tokenizer": tokenizer_identity(tokenizer),
+        "source": file_identity(source), "featurizer": squad.FEATURIZER_VERSION,
+    }
+
+    def build() -> dict[str, torch.Tensor]:
+        logger.info("Featurizing %d %s questions of %s", len(examples), split, source)
+        return squad.featurize(examples, tokenizer, args.max_seq_length, args.doc_stride, args.max_query_length,
+                               is_training=is_training, verbose=args.verbose_logging)
+
+    model_tag = os.path.basename(os.path.normpath(run.tokenizer_path))
+    prefix = f"{split}_{model_tag}_{args.max_seq_length}_{os.path.basename(source)}"
+    features = load_and_cache_examples(ctx, os.path.dirname(os.path.abspath(source)), prefix, key, build,
+                                       overwrite_cache=args.overwrite_cache)
+    return features, examples
+
+
+def model_inputs(batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    return {k: v for k, v in batch.items() if k in MODEL_INPUTS}
+
+
+# ----------------------------------------------------------------------------------------------------------
+# training
+
+
+def encoder_remaining(model: Any) -> dict[str, Any]:
+    """Remaining-weight fractions of the masked model: per matrix, per layer and for the whole encoder."""
+    return masked.summarize_remaining(masked.remaining_weights(model), masked.encoder_layers_prefix(model))
+
+
+def train_model(ctx: DistContext, args: argparse.Namespace, run: Run, model: Any, tokenizer: Any,
+                teacher: Any) -> dict[str, Any]:
+    """Fine-prune: the script's loss step sets the scheduled threshold, adds distillation and regularization."""
+    train_set, _ = load_features(ctx, args, run, tokenizer, "train")
+    train_set = {k: v for k, v in train_set.items() if k in MODEL_INPUTS + LABELS}
+    writer = SummaryWriter(logdir=os.path.join(run.output_dir, "runs")) if ctx.is_main else None
+    try:
+        return _train(ctx, args, run, model, tokenizer, teacher, train_set, writer)
+    finally:
+        if writer is not None:
+            writer.close()
+
+
+def _train(ctx: DistContext, args: argparse.Namespace, run: Run, model: Any, tokenizer: Any, teacher: Any,
+           train_set: dict[str, torch.Tensor], writer: Any) -> dict[str, Any]:
+    schedule = run.schedule
+    global_method = run.masked and args.global_topk
+
+    def loss_step(m: Any, batch: dict[str, torch.Tensor], state: Any) -> tuple[torch.Tensor, dict[str, float]]:
+        scalars: dict[str, float] = {}
+        regu_lambda = 0.0
+        if run.masked:
+            # The original counts steps from 1: step s uses the threshold of schedule(s).
+            step = state.global_step + 1
+            threshold, regu_lambda = schedule(step, state.total_steps)
+            cut = None
+            if global_method:
+                # Recomputed every --global_topk_frequency_compute steps (once per step under accumulation); kept
+                # in the train state so that a resumed run uses the same cut as an uninterrupted one.
+                due = step % args.global_topk_frequency_compute == 0 and state.extra.get("global_cut_step") != step
+                if "global_cut" not in state.extra or due:
+                    state.extra["global_cut"] = masked.global_score_cut(model, threshold)
+                    state.extra["global_cut_step"] = step
+                cut = state.extra["global_cut"]
+            masked.set_threshold(model, threshold, cut)
+            scalars["threshold"] = threshold
+        inputs = model_inputs(batch)
+        outputs = m(**inputs, start_positions=batch["start_positions"], end_positions=batch["end_positions"])
+        loss = task_loss = outputs.loss
+        if teacher is not None:
+            with torch.no_grad():
+                teacher_out = teacher(**inputs)
+            distil = (soft_cross_entropy(outputs.start_logits, teacher_out.start_logits, args.temperature)
+                      + soft_cross_entropy(outputs.end_logits, teacher_out.end_logits, args.temperature)) / 2
+            loss = args.alpha_distil * distil + args.alpha_ce * task_loss
+            scalars["loss_distil"] = float(distil)
+        if run.regularization is not None:
+            regu = masked.regularization_term(model, run.regularization)
+            loss = loss + regu_lambda * regu
+            scalars.update(regularization=float(regu), regu_lambda=regu_lambda)
+        if teacher is not None or run.regularization is not None:
+            scalars["loss_ce"] = float(task_loss)
+        return loss, scalars
+
+    measured: dict[int, float] = {}
+
+    def on_log(state: Any) -> dict[str, float]:
+        values: dict[str, float] = {}
+        if run.masked:
+            summary = encoder_remaining(model)
+            values["remaining/encoder"] = summary["encoder"]["fraction"]
+            values.update({f"remaining/layer_{int(k):02d}": v["fraction"] for k, v in summary["layers"].items()})
+            measured[state.global_step] = summary["encoder"]["fraction"]
+        if args.evaluate_during_training:
+            metrics = evaluate(ctx, args, run, model, tokenizer, prefix=str(state.global_step))["metrics"]
+            model.train()
+            values.update({f"eval_{k}": v for k, v in metrics.items() if isinstance(v, (int, float))})
+        return values
+
+    def save(folder: str) -> None:
+        if run.masked:
+            masked.prepare_config_for_save(model)
+        model.save_pretrained(folder)
+        tokenizer.save_pretrained(folder)
+
+    overrides = [(lambda name: name.endswith("mask_scores"),
+                  {"lr": args.mask_scores_learning_rate, "weight_decay": 0.0})]
+    groups = param_groups(model.named_parameters(), args.learning_rate, args.weight_decay, overrides)
+    cfg = TrainConfig.from_args(args, output_dir=run.output_dir, checkpoint_prefix="checkpoint")
+    result = train(ctx, cfg, model, train_set, loss_step, groups, save, tb_writer=writer, resume_from=run.resume,
+                   on_log=on_log if (run.masked or args.evaluate_during_training) else None)
+    summary: dict[str, Any] = {"train": result.__dict__, "teacher": run.teacher_path}
+    if run.masked:
+        # The final model holds the end of the schedule (global top-k recomputed at the final threshold, as the
+        # original's evaluation did).
+        final, _ = schedule(result.global_step, result.global_step)
+        cut = masked.global_score_cut(model, final) if global_method else None
+        masked.set_threshold(model, final, cut)
+        summary["pruning"] = {**masked.pruning_state(model).to_json(), "regularization": run.regularization,
+                              "global_topk": global_method}
+    if ctx.is_main:
+        save_folder_atomic(save, run.output_dir)
+        logger.info("Saved the trained model to %s", run.output_dir)
+        if run.masked:
+            write_pruning_plots(run, model, result.global_step, measured)
+    barrier()  # the other ranks reload this folder for evaluation
+    return summary
+
+
+def write_pruning_plots(run: Run, model: Any, total_steps: int, measured: dict[int, float]) -> None:
+    """remaining_weights.json/.png (per layer and matrix) and threshold_schedule.png (rank 0)."""
+    summary = encoder_remaining(model)
+    prefix = masked.encoder_layers_prefix(model)
+    write_json_atomic(os.path.join(run.output_dir, "remaining_weights.json"), summary)
+    grid: dict[int, dict[str, float]] = {}
+    for name, info in summary["matrices"].items():
+        layer = masked.layer_index(name, prefix)
+        grid.setdefault(-1 if layer is None else layer, {})[masked.matrix_label(name, prefix)] = info["fraction"]
+    for layer, info in summary["layers"].items():
+        grid.setdefault(int(layer), {})["_layer"] = info["fraction"]
+    method = masked.pruning_state(model).method
+    fig = visualize.plot_remaining_weights(grid, title=f"Remaining weights ({method}): "
+                                           f"{100 * summary['encoder']['fraction']:.1f}% of the encoder's matrices")
+    visualize.save(fig, os.path.join(run.output_dir, "remaining_weights.png"))
+    steps = list(range(1, max(total_steps, 1) + 1))
+    values = [run.schedule(s, max(total_steps, 1)) for s in steps]
+    label = "fraction of weights kept" if method in masked.FRACTION_METHODS else "threshold"
+    fig = visualize.plot_threshold_schedule(steps, [t for t, _ in values], label, [lam for _, lam in values],
+                                            measured, title=f"Pruning schedule ({method})")
+    visualize.save(fig, os.path.join(run.output_dir, "threshold_schedule.png"))
+
+
+# ----------------------------------------------------------------------------------------------------------
+# evaluation
+
+
+def evaluate(ctx: DistContext, args: argparse.Namespace, run: Run, model: Any, tokenizer: Any,
+             prefix: str = "") -> dict[str, Any]:
+    """Logits of every window (gathered over ranks), answers, prediction files and the official scores."""
+    features, examples = load_features(ctx, args, run, tokenizer, "dev")
+    inputs = {k: v for k, v in features.items() if k in MODEL_INPUTS}
+    seq_len = args.max_seq_length
+    model.eval()
+
+    def step(batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        out = model(**batch)
+        pad = seq_len - batch["input_ids"].shape[1]
+        keep = batch["attention_mask"].bool()
+        # Padding positions (trimmed or not) get one fixed low logit, so that the answers do not depend on how
+        # the windows were batched.
+        return {name: F.pad(getattr(out, name).float().masked_fill(~keep, PAD_LOGIT), (0, pad), value=PAD_LOGIT)
+                for name in ("start_logits", "end_logits")}
+
+    logits, seconds = predict(ctx, inputs, args.per_gpu_eval_batch_size, step, args.dynamic_padding,
+                              desc=f"eval {os.path.basename(run.predict_file)}", fp16=args.fp16, bf16=args.bf16)
+    result: dict[str, Any] = {"num_examples": len(examples), "num_features": int(len(inputs["input_ids"])),
+                              "seconds": seconds, "prefix": prefix}
+    metrics = None
+    if ctx.is_main:
+        meta = {k: features[k].numpy() for k in ("example_index", "offsets", "max_context")}
+        preds = squad.postprocess(examples, meta, logits["start_logits"], logits["end_logits"], args.n_best_size,
+                                  args.max_answer_length, args.version_2_with_negative,
+                                  args.null_score_diff_threshold)
+        result["files"] = squad.write_predictions(run.output_dir, prefix, preds, args.version_2_with_negative)
+        metrics = squad.squad_evaluate(examples, preds, args.version_2_with_negative)
+    result["metrics"] = broadcast_object(metrics, ctx)
+    if masked.is_masked(model):
+        result["remaining_encoder_fraction"] = encoder_remaining(model)["encoder"]["fraction"]
+    logger.info("Evaluation %s: %s (%d questions, %d windows, %.1fs)", prefix or "final",
+                {k: round(v, 3) if isinstance(v, float) else v for k, v in result["metrics"].items()},
+                len(examples), result["num_features"], seconds)
+    return result
+
+
+def write_results(run: Run, results: dict[str, Any], ctx: DistContext) -> None:
+    """eval_results.json and the original's eval_results.txt (`key = value` lines) (rank 0 only)."""
+    if not ctx.is_main:
+        return
+    write_json_atomic(os.path.join(run.output_dir, "eval_results.json"), results)
+    lines = [f"{k} = {v}" for k, v in sorted(results["eval"]["metrics"].items())]
+    for name, res in results.get("checkpoints", {}).items():
+        lines += [f"{k}_{res['prefix']} = {v}" for k, v in sorted(res["metrics"].items())]
+    write_text_atomic(os.path.join(run.output_dir, "eval_results.txt"), "\n".join(lines) + "\n")
+
+
+# ----------------------------------------------------------------------------------------------------------
+
+
+def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
+    args = parse_args(argv)
+    ctx = setup_distributed(args.no_cuda, args.local_rank)
+    try:
+        setup_logging(ctx)
+        run = resolve_run(args, ctx)
+        set_seed(args.seed)
+        if ctx.is_main:
+            os.makedirs(run.output_dir, exist_ok=True)
+            write_json_atomic(os.path.join(run.output_dir, "run_args.json"),
+                              {"argv": list(sys.argv if argv is None else argv), "args": vars(args),
+                               "resolved": run.__dict__, "world_size": ctx.world_size, "device": str(ctx.device)})
+        logger.info("Model %s, data %s / %s, output %s, %s, %d process(es) on %s", run.model_path, run.train_file,
+                    run.predict_file, run.output_dir,
+                    f"pruning {args.pruning_method}" if run.masked else "dense fine-tuning", ctx.world_size,
+                    ctx.device)
+        results: dict[str, Any] = {"model": run.model_path, "masked": run.masked,
+                                   "version_2_with_negative": args.version_2_with_negative}
+        if args.do_train:
+            source = run.resume or run.model_path
+            model = load_student(source, args, run).to(ctx.device)
+            tokenizer = load_tokenizer(run.resume or run.tokenizer_path, args)
+            teacher = load_teacher(args, run, model, ctx.device)
+            results["train"] = train_model(ctx, args, run, model, tokenizer, teacher)
+            eval_path = run.output_dir
+        else:
+            eval_path = run.model_path
+        if args.do_eval:
+            model = load_model(eval_path, args, run.model_type).to(ctx.device)
+            if not args.do_train and not has_qa_head(eval_path):
+                logger.warning("%s has no question-answering head: its qa_outputs layer is random, expect scores "
+                               "near zero", eval_path)
+            tokenizer = load_tokenizer(eval_path if args.do_train else run.tokenizer_path, args)
+            results["eval"] = evaluate(ctx, args, run, model, tokenizer)
+            if args.eval_all_checkpoints:
+                results["checkpoints"] = {}
+                for ckpt in find_checkpoints(run.output_dir):
+                    step = read_checkpoint_state(ckpt).global_step
+                    ckpt_model = load_model(ckpt, args, run.model_type).to(ctx.device)
+                    results["checkpoints"][os.path.basename(ckpt)] = evaluate(ctx, args, run, ckpt_model, tokenizer,
+                                                                              prefix=str(step))
+            write_results(run, results, ctx)
+            logger.info("***** %s *****", results["eval"]["metrics"])
+        return results
+    finally:
+        cleanup_distributed()
+
+
+if __name__ == "__main__":
+    sys.exit(run_cli(main))
