@@ -117,3 +117,99 @@ def model_state(folder: str) -> dict[str, torch.Tensor]:
     state = {f"backbone.{k}": v for k, v in load_file(os.path.join(folder, "model.safetensors")).items()}
     state.update({f"ramps.{k}": v for k, v in load_file(os.path.join(folder, "off_ramps.safetensors")).items()})
     return state
+
+
+# ----------------------------------------------------------------------------------------------------------
+# distillation (#4): tiny language models with their LM heads, and a small corpus
+
+
+@pytest.fixture(scope="session")
+def lm_corpus_dir(tmp_path_factory) -> Path:
+    """train.txt (240 lines) and eval.txt (40 lines) of the built-in corpus, plus a few lines too short to keep."""
+    from common.data import lm
+
+    folder = tmp_path_factory.mktemp("lm-corpus")
+    rng = random.Random(5)
+    lines = [lm.builtin_line(rng) for _ in range(240)]
+    lines[3] = "the dog runs ."  # 6 tokens with [CLS]/[SEP]: dropped as too short
+    lines[7] = ""  # blank: skipped by the binarizer
+    (folder / "train.txt").write_text("\n".join(lines) + "\n", encoding="utf-8")
+    (folder / "eval.txt").write_text("\n".join(lm.builtin_line(rng) for _ in range(40)) + "\n", encoding="utf-8")
+    return folder
+
+
+@pytest.fixture(scope="session")
+def tiny_mlm_teacher_dir(tmp_path_factory) -> str:
+    """A random 4-layer BertForMaskedLM (hidden 32) with a word-level tokenizer over the built-in corpus words."""
+    from transformers import BertForMaskedLM
+
+    from common.data import lm
+
+    folder = str(tmp_path_factory.mktemp("tiny-mlm-teacher"))
+    tokenizer = builtin.write_word_tokenizer(folder, lm.builtin_words(), model_max_length=48)
+    torch.manual_seed(0)
+    overrides = {**TINY, "num_hidden_layers": 4, "max_position_embeddings": 48}
+    config = builtin.tiny_bert_config(len(tokenizer), **overrides)
+    BertForMaskedLM(config).save_pretrained(folder)
+    return folder
+
+
+@pytest.fixture(scope="session")
+def tiny_gpt2_dir(tmp_path_factory) -> str:
+    """A random 4-layer GPT2LMHeadModel (hidden 32) with a byte-level BPE tokenizer trained on the corpus."""
+    from tokenizers import ByteLevelBPETokenizer
+    from transformers import GPT2Config, GPT2LMHeadModel, GPT2TokenizerFast
+
+    from common.data import lm
+
+    folder = tmp_path_factory.mktemp("tiny-gpt2")
+    rng = random.Random(6)
+    bpe = ByteLevelBPETokenizer()
+    bpe.train_from_iterator([lm.builtin_line(rng) for _ in range(300)], vocab_size=300, min_frequency=1,
+                            special_tokens=["<|endoftext|>"])
+    bpe.save_model(str(folder))
+    vocab = json.loads((folder / "vocab.json").read_text())
+    merges = [tuple(line.split()) for line in (folder / "merges.txt").read_text().splitlines()[1:] if line]
+    tokenizer = GPT2TokenizerFast(vocab=vocab, merges=merges, model_max_length=64, unk_token="<|endoftext|>",
+                                  bos_token="<|endoftext|>", eos_token="<|endoftext|>")
+    tokenizer.save_pretrained(str(folder))
+    torch.manual_seed(0)
+    eos = tokenizer.eos_token_id
+    config = GPT2Config(vocab_size=len(tokenizer), n_embd=32, n_layer=4, n_head=2, n_positions=64,
+                        bos_token_id=eos, eos_token_id=eos)
+    GPT2LMHeadModel(config).save_pretrained(str(folder))
+    return str(folder)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# SQuAD / movement pruning (tests/test_squad_data.py, test_masked.py, test_squad_pruning.py)
+
+SQUAD_TINY = dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64,
+                  max_position_embeddings=64)
+
+
+@pytest.fixture(scope="session")
+def squad_bert_dir(tmp_path_factory) -> str:
+    """A randomly initialised 2-layer BERT (hidden 32) whose word-level vocabulary covers the generated SQuAD
+    questions, as a pretrained folder (a bare encoder: no question-answering head)."""
+    from common.data import squad
+
+    return squad.write_builtin_squad_model(str(tmp_path_factory.mktemp("squad-bert") / "model"), seed=0,
+                                           **SQUAD_TINY)
+
+
+@pytest.fixture(scope="session")
+def squad_v1_dir(tmp_path_factory) -> str:
+    """Generated SQuAD v1.1 train-v1.1.json (40 paragraphs) and dev-v1.1.json (12 paragraphs)."""
+    from common.data import squad
+
+    return squad.write_builtin_squad(str(tmp_path_factory.mktemp("squad-v1")), n_train=40, n_dev=12, seed=1)
+
+
+@pytest.fixture(scope="session")
+def squad_v2_dir(tmp_path_factory) -> str:
+    """Generated SQuAD v2.0 train-v2.0.json and dev-v2.0.json, with unanswerable questions."""
+    from common.data import squad
+
+    return squad.write_builtin_squad(str(tmp_path_factory.mktemp("squad-v2")), n_train=40, n_dev=12, seed=2,
+                                     version_2=True)
