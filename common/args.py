@@ -6,7 +6,7 @@ from __future__ import annotations
 import argparse
 import math
 import os
-from typing import Sequence
+from typing import Any, Mapping, Sequence
 
 from common.errors import UserError
 
@@ -91,6 +91,16 @@ def check_output_dir(args: argparse.Namespace, will_train: bool) -> list[str]:
     if os.path.exists(out) and not os.path.isdir(out):
         return [f"--output_dir {out} is a file, not a folder"]
     return []
+
+
+def apply_builtin_defaults(parser: argparse.ArgumentParser, args: argparse.Namespace,
+                           builtin_defaults: Mapping[str, Any]) -> None:
+    """For the built-in demo: replace the defaults of the flags the user did not give with values suited to
+    its tiny model trained from scratch (called once, right after parsing)."""
+    defaults = vars(parser.parse_args([]))
+    for name, value in builtin_defaults.items():
+        if getattr(args, name) == defaults[name]:
+            setattr(args, name, value)
 
 
 def raise_if_problems(problems: Sequence[str]) -> None:

@@ -38,8 +38,8 @@ from transformers import AutoConfig, AutoTokenizer  # noqa: E402
 
 from common import builtin, visualize  # noqa: E402
 from common.args import (  # noqa: E402
-    add_distributed_args, add_model_args, add_training_args, check_output_dir, check_training_args,
-    raise_if_problems,
+    add_distributed_args, add_model_args, add_training_args, apply_builtin_defaults, check_output_dir,
+    check_training_args, raise_if_problems,
 )
 from common.caching import file_identity, load_and_cache_examples, tokenizer_identity  # noqa: E402
 from common.data import glue  # noqa: E402
@@ -106,10 +106,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
                    help="Where the sweep JSON and plots go (default: --output_dir).")
     args = parser.parse_args(argv)
     if args.model_name_or_path is None and args.data_dir is None:
-        defaults = vars(parser.parse_args([]))
-        for name, value in BUILTIN_DEFAULTS.items():
-            if getattr(args, name) == defaults[name]:
-                setattr(args, name, value)
+        apply_builtin_defaults(parser, args, BUILTIN_DEFAULTS)
     return args
 
 
