@@ -6,6 +6,8 @@ All take logits or hidden states as tensors; callers read model outputs by name 
 
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn.functional as F
 
@@ -50,3 +52,94 @@ def hidden_cosine(student: torch.Tensor, teacher: torch.Tensor, mask: torch.Tens
     if s.shape[0] == 0:
         return student.sum() * 0.0
     return (1.0 - F.cosine_similarity(s, t, dim=-1)).mean()
+
+
+# ----------------------------------------------------------------------------------------------------------
+# masking for the language-modelling objectives (DistilBERT's MLM step follows XLM's)
+
+
+def masking_probabilities(counts, smoothing: float, special_ids) -> torch.Tensor:
+    """How likely each token id is to be chosen for prediction: counts ** -smoothing (XLM / word2vec's
+    smoothing, which favours rare tokens; a count of 0 counts as 1), and never a special token."""
+    counts_t = torch.as_tensor(counts, dtype=torch.float64).clamp_min(1.0)
+    probs = counts_t ** -float(smoothing)
+    for idx in special_ids:
+        probs[int(idx)] = 0.0
+    return probs.float()
+
+
+def mlm_mask(token_ids: torch.Tensor, attention_mask: torch.Tensor, token_probs: torch.Tensor, mask_prop: float,
+             pred_probs: torch.Tensor, mask_id: int, vocab_size: int,
+             generator: torch.Generator | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """DistilBERT's masking of one batch: ceil(mask_prop * real tokens) positions are drawn without
+    replacement, each with probability proportional to `token_probs[token]` (so special tokens and padding
+    are never drawn); each drawn token becomes [MASK], stays, or becomes a random id with the probabilities
+    `pred_probs` = (word_mask, word_keep, word_rand). Returns (input ids, labels: the original id at drawn
+    positions and -100 elsewhere). Uses the global RNG unless a generator is given."""
+    real = attention_mask.bool()
+    flat_ids = token_ids.reshape(-1)
+    weights = token_probs.to(token_ids.device)[flat_ids] * real.reshape(-1)
+    n_target = min(math.ceil(mask_prop * int(real.sum())), int((weights > 0).sum()))
+    labels = torch.full_like(flat_ids, -100)
+    inputs = flat_ids.clone()
+    if n_target > 0:
+        chosen = torch.multinomial(weights / weights.sum(), n_target, replacement=False, generator=generator)
+        originals = flat_ids[chosen]
+        action = torch.multinomial(pred_probs.to(weights), n_target, replacement=True, generator=generator)
+        random_ids = torch.randint(vocab_size, (n_target,), device=flat_ids.device, generator=generator)
+        replaced = torch.where(action == 0, torch.full_like(originals, mask_id),
+                               torch.where(action == 1, originals, random_ids))
+        inputs[chosen] = replaced
+        labels[chosen] = originals
+    return inputs.view_as(token_ids), labels.view_as(token_ids)
+
+
+def clm_labels(token_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+    """Causal-LM labels: the ids themselves, -100 at padding (the shift happens in the loss)."""
+    return token_ids.masked_fill(~attention_mask.bool(), -100)
+
+
+def lm_cross_entropy(logits: torch.Tensor, labels: torch.Tensor, causal: bool) -> torch.Tensor:
+    """Mean cross-entropy over the positions with a label (-100: none); for a causal LM position t predicts the
+    label at t + 1. Zero (with a gradient path) when no position has a label."""
+    if causal:
+        logits, labels = logits[..., :-1, :], labels[..., 1:]
+    labels = labels.reshape(-1)
+    if not bool((labels != -100).any()):
+        return logits.sum() * 0.0
+    return F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), labels, ignore_index=-100)
+
+
+def fixed_mlm_mask(token_ids: torch.Tensor, attention_mask: torch.Tensor, example_ids, special_ids,
+                   mask_prop: float, mask_id: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Masking for evaluation that depends only on each example (its id and `seed`), never on the batch, the
+    rank or the global RNG, so two models, or one and several processes, are scored on the same positions:
+    ceil(mask_prop * its non-special tokens) positions (at least one) become [MASK]. CPU tensors in and out;
+    returns (input ids, labels with -100 where nothing is predicted)."""
+    special = torch.zeros_like(token_ids, dtype=torch.bool)
+    for idx in special_ids:
+        special |= token_ids == int(idx)
+    candidates = attention_mask.bool() & ~special
+    inputs = token_ids.clone()
+    labels = torch.full_like(token_ids, -100)
+    for row, example in enumerate(example_ids):
+        positions = torch.nonzero(candidates[row]).reshape(-1)
+        if len(positions) == 0:
+            continue
+        gen = torch.Generator().manual_seed(int(seed) * 1000003 + int(example))
+        k = max(1, math.ceil(mask_prop * len(positions)))
+        chosen = positions[torch.randperm(len(positions), generator=gen)[:k]]
+        labels[row, chosen] = token_ids[row, chosen]
+        inputs[row, chosen] = mask_id
+    return inputs, labels
+
+
+def sequence_nll(logits: torch.Tensor, labels: torch.Tensor, causal: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per sequence: the summed negative log-likelihood of its labelled tokens and how many there are (for
+    perplexity = exp(total NLL / total count) over a corpus); a causal LM predicts position t + 1 from t."""
+    if causal:
+        logits, labels = logits[..., :-1, :], labels[..., 1:]
+    has_label = labels != -100
+    logp = torch.log_softmax(logits.float(), dim=-1)
+    picked = logp.gather(-1, labels.clamp_min(0).unsqueeze(-1)).squeeze(-1)
+    return -(picked * has_label).sum(dim=-1), has_label.sum(dim=-1)

@@ -1,0 +1,889 @@
+#!/usr/bin/env python
+"""DistilBERT-style distillation: a small student language model learns from a large teacher's output
+distribution (soft cross-entropy at a temperature), its own LM objective, and the teacher's hidden states.
+
+Sanh et al. 2019, "DistilBERT, a distilled version of BERT". Students: DistilBERT, BERT or RoBERTa with a
+masked-LM objective (--mlm), GPT-2 with a causal one (--clm).
+
+    python scripts/distill.py                                   # built-in demo, no download
+    python scripts/binarize_data.py --file_path data/dump.txt --tokenizer_name bert-base-uncased \\
+        --dump_file data/binarized_text
+    python scripts/token_counts.py --data_file data/binarized_text.bert-base-uncased.bin \\
+        --token_counts_dump data/token_counts.bert-base-uncased.safetensors
+    python scripts/extract_student.py --model_name bert-base-uncased --dump_checkpoint students/distilbert-init
+    python scripts/distill.py --student_type distilbert --student_pretrained_weights students/distilbert-init \\
+        --teacher_type bert --teacher_name bert-base-uncased --mlm --alpha_ce 5.0 --alpha_mlm 2.0 \\
+        --alpha_cos 1.0 --alpha_clm 0.0 --freeze_pos_embs --data_file data/binarized_text.bert-base-uncased.bin \\
+        --token_counts data/token_counts.bert-base-uncased.safetensors --eval_file data/heldout.txt \\
+        --dump_path serialization_dir/my_first_training
+    torchrun --nproc_per_node=4 scripts/distill.py ...same flags...
+
+Writes into --dump_path (alias --output_dir): the student as a stock checkpoint (config, model.safetensors,
+tokenizer: from_pretrained loads it), all_results.json (data, training, evaluation), eval_results.json
+(perplexity of student and teacher on --eval_file, size and speed), loss_terms.png, log_history.jsonl,
+TensorBoard events under runs/, checkpoint-NNNNNN/ folders (at the end of each epoch but the last, whose end is
+the final student, and every --checkpoint_interval steps) and run_args.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import math
+import os
+import sys
+import time
+from dataclasses import asdict, dataclass
+from typing import Any, Sequence
+
+_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+_SCRIPTS = os.path.join(_ROOT, "scripts")
+for _path in (_ROOT, _SCRIPTS):
+    if _path not in sys.path:
+        sys.path.insert(0, _path)
+
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+from tensorboardX import SummaryWriter  # noqa: E402
+from torch import nn  # noqa: E402
+from transformers import (  # noqa: E402
+    AutoConfig, AutoTokenizer, BertConfig, BertForMaskedLM, DistilBertConfig, DistilBertForMaskedLM, GPT2Config,
+    GPT2LMHeadModel, RobertaConfig, RobertaForMaskedLM,
+)
+
+import extract_student  # noqa: E402
+from common import builtin, visualize  # noqa: E402
+from common.args import (  # noqa: E402
+    add_distributed_args, apply_builtin_defaults, check_output_dir, check_training_args, raise_if_problems,
+)
+from common.data import lm  # noqa: E402
+from common.distillation import (  # noqa: E402
+    clm_labels, fixed_mlm_mask, hidden_cosine, hidden_mse, lm_cross_entropy, masking_probabilities, mlm_mask,
+    sequence_nll, soft_cross_entropy,
+)
+from common.distributed import (  # noqa: E402
+    DistContext, all_gather_objects, barrier, cleanup_distributed, main_process_first, setup_distributed,
+)
+from common.errors import UserError, run_cli  # noqa: E402
+from common.logging_utils import setup_logging  # noqa: E402
+from common.pretrained import check_model_folder  # noqa: E402
+from common.training import (  # noqa: E402
+    TrainConfig, check_precision_flags, param_groups, predict, resolve_resume_path, save_folder_atomic, set_seed,
+    train, write_json_atomic,
+)
+
+logger = logging.getLogger("distill")
+
+MODEL_CLASSES = {
+    "distilbert": (DistilBertConfig, DistilBertForMaskedLM),
+    "bert": (BertConfig, BertForMaskedLM),
+    "roberta": (RobertaConfig, RobertaForMaskedLM),
+    "gpt2": (GPT2Config, GPT2LMHeadModel),
+}
+STUDENT_TYPES = ("distilbert", "bert", "roberta", "gpt2")
+TEACHER_TYPES = ("bert", "roberta", "gpt2")
+CAUSAL_TYPES = ("gpt2",)
+FAMILY = {"distilbert": "bert", "bert": "bert", "roberta": "roberta", "gpt2": "gpt2"}
+POSITION_EMBEDDINGS = {"distilbert": "distilbert.embeddings.position_embeddings.weight",
+                       "bert": "bert.embeddings.position_embeddings.weight",
+                       "roberta": "roberta.embeddings.position_embeddings.weight", "gpt2": "transformer.wpe.weight"}
+TOKEN_TYPE_EMBEDDINGS = {"bert": "bert.embeddings.token_type_embeddings.weight",
+                         "roberta": "roberta.embeddings.token_type_embeddings.weight"}
+ADAM_BETAS = (0.9, 0.98)  # the original distiller's AdamW betas
+EVAL_MASK_PROP = 0.15
+EVAL_SEED = 1234  # evaluation masks depend only on this and each example, so every run scores the same positions
+STAGE = "checkpoint"
+
+# The built-in demo: a 6-layer BERT teacher, first trained briefly on the built-in corpus (masked LM), distilled
+# into a 3-layer DistilBERT initialized from teacher layers 0, 2 and 5. These replace the defaults only for flags
+# the user did not give.
+BUILTIN_DEFAULTS = {
+    "per_gpu_train_batch_size": 32, "per_gpu_eval_batch_size": 64, "gradient_accumulation_steps": 1,
+    "num_train_epochs": 3.0, "logging_steps": 10, "save_steps": 0, "alpha_ce": 5.0, "alpha_mlm": 2.0,
+    "alpha_cos": 1.0, "learning_rate": 5e-4,
+}
+BUILTIN_TEACHER = {"hidden_size": 64, "num_hidden_layers": 6, "num_attention_heads": 4, "intermediate_size": 128,
+                   "max_position_embeddings": 64}
+BUILTIN_TEACHER_STEPS = 600
+BUILTIN_STUDENT_LAYERS = 3
+
+
+# ----------------------------------------------------------------------------------------------------------
+# flags
+
+
+def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    g = parser.add_argument_group("data")
+    g.add_argument("--data_file", default=None,
+                   help="Binarized training corpus (scripts/binarize_data.py). Left out together with "
+                        "--teacher_name: the built-in demo.")
+    g.add_argument("--token_counts", default=None,
+                   help="Token counts for the MLM masking smoothing (scripts/token_counts.py); counted from "
+                        "--data_file when left out.")
+    g.add_argument("--eval_file", default=None,
+                   help="Held-out text (one sequence per line) or binarized file: perplexity of student and "
+                        "teacher, with their size and speed, after training.")
+    g.add_argument("--max_model_input_size", default=None, type=int,
+                   help="Longest sequence; longer ones are split (default: what the models accept).")
+
+    g = parser.add_argument_group("models")
+    g.add_argument("--student_type", default=None, choices=STUDENT_TYPES,
+                   help="Student family (checked against its config; inferred when left out).")
+    g.add_argument("--student_config", default=None,
+                   help="Student config: a JSON file (training_configs/*.json) or a model folder.")
+    g.add_argument("--student_pretrained_weights", default=None,
+                   help="Student initialization: a folder (scripts/extract_student.py) or a weights file.")
+    g.add_argument("--teacher_type", default=None, choices=TEACHER_TYPES,
+                   help="Teacher family (checked against its config; inferred when left out).")
+    g.add_argument("--teacher_name", default=None, help="Teacher folder (or hub name), with its LM head.")
+    g.add_argument("--tokenizer_name", default=None, help="Tokenizer, if not the teacher's.")
+    g.add_argument("--cache_dir", default=None, help="Where downloaded models are stored.")
+    g.add_argument("--initializer_range", default=0.02, type=float,
+                   help="Std of the random initialization of a student built from --student_config alone.")
+
+    g = parser.add_argument_group("losses")
+    g.add_argument("--temperature", default=2.0, type=float, help="Softmax temperature of the distillation loss.")
+    g.add_argument("--alpha_ce", default=0.5, type=float,
+                   help="Weight of the distillation loss (soft cross-entropy, scaled by T^2).")
+    g.add_argument("--alpha_mlm", default=0.0, type=float, help="Weight of the masked-LM loss (with --mlm).")
+    g.add_argument("--alpha_clm", default=None, type=float,
+                   help="Weight of the causal-LM loss (default 0.5 with --clm, 0 with --mlm).")
+    g.add_argument("--alpha_mse", default=0.0, type=float,
+                   help="Weight of the MSE between student and teacher logits.")
+    g.add_argument("--alpha_cos", default=0.0, type=float,
+                   help="Weight of the cosine loss between the last hidden states (equal hidden sizes).")
+    mode = g.add_mutually_exclusive_group()
+    mode.add_argument("--mlm", action="store_true", help="Masked-LM objective (students: distilbert, bert, roberta).")
+    mode.add_argument("--clm", action="store_true", help="Causal-LM objective (student: gpt2).")
+    g.add_argument("--restrict_ce_to_mask", action="store_true",
+                   help="Distillation loss only on the masked positions (MLM), not every token.")
+    g.add_argument("--freeze_pos_embs", action="store_true", help="Freeze the student's position embeddings.")
+    g.add_argument("--freeze_token_type_embds", action="store_true",
+                   help="Freeze the student's token type embeddings (bert, roberta students).")
+
+    g = parser.add_argument_group("masking (MLM)")
+    g.add_argument("--mlm_mask_prop", default=0.15, type=float, help="Share of the tokens to predict.")
+    g.add_argument("--word_mask", default=0.8, type=float, help="Share of the predicted tokens replaced by [MASK].")
+    g.add_argument("--word_keep", default=0.1, type=float, help="Share of the predicted tokens kept.")
+    g.add_argument("--word_rand", default=0.1, type=float, help="Share of the predicted tokens made random.")
+    g.add_argument("--mlm_smoothing", default=0.7, type=float,
+                   help="Tokens are drawn with probability count^-smoothing (favours rare tokens; 0: uniform).")
+
+    g = parser.add_argument_group("training")
+    g.add_argument("--dump_path", "--output_dir", dest="output_dir", default=None,
+                   help="Where the student, checkpoints, logs and results go (default runs/distill).")
+    g.add_argument("--force", "--overwrite_output_dir", dest="overwrite_output_dir", action="store_true",
+                   help="Train into an output folder that already holds files (its old log is replaced; nothing "
+                        "else is deleted).")
+    g.add_argument("--n_epoch", "--num_train_epochs", dest="num_train_epochs", default=3.0, type=float,
+                   help="Passes over the data.")
+    g.add_argument("--max_steps", default=-1, type=int, help="If > 0: optimizer steps to take (overrides epochs).")
+    g.add_argument("--batch_size", "--per_gpu_train_batch_size", "--per_device_train_batch_size",
+                   dest="per_gpu_train_batch_size", default=5, type=int, help="Sequences per batch and process.")
+    g.add_argument("--per_gpu_eval_batch_size", "--per_device_eval_batch_size", default=16, type=int,
+                   help="Sequences per evaluation batch and process.")
+    g.add_argument("--group_by_size", dest="group_by_size", action="store_true", default=True,
+                   help="Batch sequences of similar length together (the default).")
+    g.add_argument("--no_group_by_size", dest="group_by_size", action="store_false",
+                   help="Plain shuffled batches (the original's --group_by_size flag turned grouping off).")
+    g.add_argument("--gradient_accumulation_steps", default=50, type=int,
+                   help="Batches accumulated per optimizer step.")
+    g.add_argument("--warmup_prop", default=0.05, type=float, help="Share of the steps with a linear warmup.")
+    g.add_argument("--warmup_steps", default=0, type=int, help="If > 0: warmup steps (overrides --warmup_prop).")
+    g.add_argument("--weight_decay", default=0.0, type=float, help="AdamW weight decay (none on biases/LayerNorm).")
+    g.add_argument("--learning_rate", default=5e-4, type=float, help="Peak learning rate.")
+    g.add_argument("--adam_epsilon", default=1e-6, type=float, help="AdamW epsilon.")
+    g.add_argument("--max_grad_norm", default=5.0, type=float, help="Gradient clipping norm (0: none).")
+    g.add_argument("--fp16", action="store_true", help="Mixed precision (float16 + grad scaler, CUDA) via torch.amp.")
+    g.add_argument("--fp16_opt_level", default=None,
+                   help="Accepted for old command lines; apex opt levels do not exist in torch.amp (warned).")
+    g.add_argument("--bf16", action="store_true", help="Mixed precision with bfloat16 via torch.amp.")
+    g.add_argument("--n_gpu", default=None, type=int,
+                   help="Accepted for old command lines (warned): torchrun sets the process count.")
+    g.add_argument("--seed", default=56, type=int, help="Random seed.")
+    g.add_argument("--log_interval", "--logging_steps", dest="logging_steps", default=500, type=int,
+                   help="Log every loss term, the learning rate, speed and memory every N optimizer steps.")
+    g.add_argument("--checkpoint_interval", "--save_steps", dest="save_steps", default=4000, type=int,
+                   help="Also checkpoint every N optimizer steps (0: only at the end of each epoch).")
+    g.add_argument("--resume_from_checkpoint", default=None, metavar="PATH|latest",
+                   help="Continue from a checkpoint folder, or from the newest one in the output folder.")
+    add_distributed_args(parser)
+    args = parser.parse_args(argv)
+    if args.data_file is None and args.teacher_name is None:
+        apply_builtin_defaults(parser, args, BUILTIN_DEFAULTS)
+        if not args.clm:
+            args.mlm = True
+    return args
+
+
+@dataclass(frozen=True)
+class Losses:
+    """The loss mix, resolved from the flags."""
+
+    alpha_ce: float
+    alpha_mlm: float
+    alpha_clm: float
+    alpha_mse: float
+    alpha_cos: float
+    temperature: float
+    restrict_ce_to_mask: bool
+
+
+@dataclass(frozen=True)
+class Run:
+    """Resolved inputs of this run (what the flags point at once the built-in default is filled in)."""
+
+    output_dir: str
+    data_file: str
+    token_counts: str | None
+    eval_file: str | None
+    teacher_path: str
+    teacher_type: str
+    tokenizer_path: str
+    student_type: str
+    student_config: str | None
+    student_weights: str | None
+    causal: bool
+    losses: Losses
+    builtin: bool
+    resume: str | None
+
+
+def flag_problems(args: argparse.Namespace, ctx: DistContext) -> list[str]:
+    """Problems visible from the flags alone (every one gathered into one error)."""
+    problems = check_training_args(args) + check_precision_flags(args.fp16, args.bf16, ctx.device)
+    alphas = {n: getattr(args, n) for n in ("alpha_ce", "alpha_mlm", "alpha_clm", "alpha_mse", "alpha_cos")}
+    for name, value in alphas.items():
+        if value is not None and (value < 0 or not math.isfinite(value)):
+            problems.append(f"--{name} must be >= 0 (got {value})")
+    if not args.temperature > 0:
+        problems.append(f"--temperature must be positive (got {args.temperature})")
+    if not 0 < args.mlm_mask_prop <= 1:
+        problems.append(f"--mlm_mask_prop must lie in (0, 1] (got {args.mlm_mask_prop})")
+    shares = (args.word_mask, args.word_keep, args.word_rand)
+    if min(shares) < 0 or abs(sum(shares) - 1.0) > 1e-6:
+        problems.append(f"--word_mask, --word_keep and --word_rand must be >= 0 and sum to 1 (got "
+                        f"{' + '.join(f'{s:g}' for s in shares)})")
+    if args.mlm_smoothing < 0:
+        problems.append(f"--mlm_smoothing cannot be negative (got {args.mlm_smoothing})")
+    if not 0 <= args.warmup_prop <= 1:
+        problems.append(f"--warmup_prop must lie in [0, 1] (got {args.warmup_prop})")
+    if args.max_model_input_size is not None and args.max_model_input_size < 3:
+        problems.append(f"--max_model_input_size must be at least 3 (got {args.max_model_input_size})")
+    if (args.data_file is None) != (args.teacher_name is None):
+        problems.append("give both --data_file and --teacher_name (or neither, for the built-in demo)")
+    if args.teacher_name is not None and not (args.student_config or args.student_pretrained_weights):
+        problems.append("give --student_config and/or --student_pretrained_weights (make an initialization from "
+                        "the teacher's layers with scripts/extract_student.py)")
+    for flag in ("data_file", "token_counts", "eval_file", "student_config"):
+        path = getattr(args, flag)
+        if path is not None and not os.path.exists(path):
+            problems.append(f"--{flag} {path}: no such file")
+    if args.clm and args.restrict_ce_to_mask:
+        problems.append("--restrict_ce_to_mask needs --mlm: a causal LM has no masked positions")
+    # What the objective flags already decide (an inferred objective is checked again once the student is known).
+    if args.mlm or args.clm:
+        problems += loss_problems(resolve_losses(args, causal=args.clm), causal=args.clm)
+    return problems
+
+
+def resolve_losses(args: argparse.Namespace, causal: bool) -> Losses:
+    alpha_clm = args.alpha_clm if args.alpha_clm is not None else (0.5 if causal else 0.0)
+    return Losses(args.alpha_ce, args.alpha_mlm, alpha_clm, args.alpha_mse, args.alpha_cos, args.temperature,
+                  args.restrict_ce_to_mask)
+
+
+def loss_problems(losses: Losses, causal: bool) -> list[str]:
+    """Weights that cannot work: all zero, or the LM loss of the other objective."""
+    problems = []
+    if causal and losses.alpha_mlm > 0:
+        problems.append("--alpha_mlm needs a masked-LM student; a causal student learns with --alpha_clm")
+    if not causal and losses.alpha_clm > 0:
+        problems.append("--alpha_clm needs a causal (gpt2) student; with --mlm pass --alpha_clm 0 and use "
+                        "--alpha_mlm")
+    if losses.alpha_ce + losses.alpha_mlm + losses.alpha_clm + losses.alpha_mse + losses.alpha_cos <= 0:
+        problems.append("every loss weight is zero (--alpha_ce, --alpha_mlm, --alpha_clm, --alpha_mse, "
+                        "--alpha_cos): give at least one a positive weight")
+    return problems
+
+
+def load_config(path: str, model_type: str | None, what: str, cache_dir: str | None) -> Any:
+    """A model config from a folder (or hub name) or a JSON file; a JSON file without "model_type" (as the
+    original training_configs/) needs the type flag."""
+    try:
+        if os.path.isfile(path):
+            with open(path, encoding="utf-8") as f:
+                raw = json.load(f)
+            kind = model_type or raw.get("model_type")
+            if kind not in MODEL_CLASSES:
+                raise UserError(f"{path} does not say which model it configures; add --{what}_type")
+            return MODEL_CLASSES[kind][0].from_json_file(path)
+        return AutoConfig.from_pretrained(path, cache_dir=cache_dir)
+    except (OSError, ValueError) as err:
+        raise UserError(f"cannot load a model config from {path}: {str(err).splitlines()[0]}") from None
+
+
+def position_limit(config: Any) -> int:
+    """The longest input a model's position embeddings allow."""
+    if config.model_type == "gpt2":
+        return int(config.n_positions)
+    if config.model_type == "roberta":
+        return int(config.max_position_embeddings) - int(config.pad_token_id) - 1
+    return int(config.max_position_embeddings)
+
+
+def hidden_size(config: Any) -> int:
+    return int(config.dim if config.model_type == "distilbert" else config.n_embd if config.model_type == "gpt2"
+               else config.hidden_size)
+
+
+def resolve_run(args: argparse.Namespace, ctx: DistContext) -> Run:
+    """Validate the flags (every problem in one error), fill in the built-in default, and check that teacher,
+    student and objective fit together."""
+    raise_if_problems(flag_problems(args, ctx))
+    output_dir = args.output_dir or os.path.join("runs", "distill")
+    problems = check_output_dir(argparse.Namespace(**{**vars(args), "output_dir": output_dir}), True)
+    barrier()  # every rank looks at the output folder before rank 0 writes into it
+    raise_if_problems(problems)
+    if args.fp16_opt_level is not None:
+        logger.warning("--fp16_opt_level %s ignored: torch.amp has no apex opt levels", args.fp16_opt_level)
+    if args.n_gpu is not None:
+        logger.warning("--n_gpu %s ignored: torchrun sets the number of processes, and each uses its GPU when "
+                       "there is one (unless --no_cuda)", args.n_gpu)
+    resume = resolve_resume_path(args.resume_from_checkpoint, output_dir)
+    use_builtin = args.data_file is None
+    if use_builtin:
+        assets = prepare_builtin(ctx, os.path.join(output_dir, "builtin"))
+        data_file, teacher_path, eval_file = assets["data_file"], assets["teacher"], args.eval_file or assets["eval"]
+        student_weights, student_config = assets["student"], args.student_config
+    else:
+        data_file, teacher_path, eval_file = args.data_file, args.teacher_name, args.eval_file
+        student_weights, student_config = args.student_pretrained_weights, args.student_config
+
+    check_model_folder(teacher_path)
+    teacher_config = load_config(teacher_path, args.teacher_type, "teacher", args.cache_dir)
+    teacher_type = teacher_config.model_type
+    if args.teacher_type and teacher_type != args.teacher_type:
+        raise UserError(f"--teacher_type {args.teacher_type} does not match {teacher_path}, which holds a "
+                        f"{teacher_type} model")
+    if teacher_type not in TEACHER_TYPES:
+        raise UserError(f"{teacher_path} holds a {teacher_type} model; teachers can be {', '.join(TEACHER_TYPES)}")
+    if student_weights is not None and os.path.isdir(student_weights):
+        check_model_folder(student_weights)
+    elif student_weights is not None and not os.path.isfile(student_weights):
+        raise UserError(f"--student_pretrained_weights {student_weights}: no such folder or file")
+    config_source = student_config or student_weights
+    if config_source is None or (os.path.isfile(config_source) and student_config is None):
+        raise UserError("a student weights file needs --student_config (only a folder carries its own config)")
+    s_config = load_config(config_source, args.student_type, "student", args.cache_dir)
+    student_type = s_config.model_type
+    if args.student_type and student_type != args.student_type:
+        raise UserError(f"--student_type {args.student_type} does not match {config_source}, which configures a "
+                        f"{student_type} model")
+    if student_type not in STUDENT_TYPES:
+        raise UserError(f"{config_source} configures a {student_type} model; students can be "
+                        f"{', '.join(STUDENT_TYPES)}")
+
+    causal = student_type in CAUSAL_TYPES
+    if args.mlm and causal:
+        raise UserError(f"--mlm needs a masked-LM student, but the student is a causal {student_type} model; use "
+                        "--clm (or a distilbert/bert/roberta student)")
+    if args.clm and not causal:
+        raise UserError(f"--clm needs a causal student (gpt2), but the student is a masked-LM {student_type} "
+                        "model; use --mlm")
+    if FAMILY[student_type] != FAMILY[teacher_type]:
+        raise UserError(f"a {student_type} student cannot learn from a {teacher_type} teacher: their tokenizers "
+                        f"and objectives differ (pairs: bert -> distilbert/bert, roberta -> roberta, gpt2 -> gpt2)")
+    if s_config.vocab_size != teacher_config.vocab_size:
+        raise UserError(f"the student's vocabulary ({s_config.vocab_size} tokens, {config_source}) differs from "
+                        f"the teacher's ({teacher_config.vocab_size} tokens, {teacher_path}); the distillation loss "
+                        "compares them token by token: give the student the teacher's vocab_size")
+    losses = resolve_losses(args, causal)
+    raise_if_problems(loss_problems(losses, causal))
+    if losses.alpha_cos > 0 and hidden_size(s_config) != hidden_size(teacher_config):
+        raise UserError(f"--alpha_cos compares hidden states, but the student's size {hidden_size(s_config)} "
+                        f"differs from the teacher's {hidden_size(teacher_config)}; set --alpha_cos 0")
+    if args.freeze_token_type_embds and student_type not in TOKEN_TYPE_EMBEDDINGS:
+        raise UserError(f"--freeze_token_type_embds: a {student_type} student has no token type embeddings")
+    return Run(output_dir=output_dir, data_file=data_file, token_counts=args.token_counts, eval_file=eval_file,
+               teacher_path=teacher_path, teacher_type=teacher_type, tokenizer_path=args.tokenizer_name or teacher_path,
+               student_type=student_type, student_config=student_config, student_weights=student_weights,
+               causal=causal, losses=losses, builtin=use_builtin, resume=resume)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# the built-in default
+
+
+def prepare_builtin(ctx: DistContext, base: str) -> dict[str, str]:
+    """The demo's inputs in `base` (made once, reused by later runs): the built-in corpus, a word-level
+    tokenizer, a 6-layer BERT teacher trained briefly as a masked LM on the corpus, the corpus binarized, and a
+    3-layer DistilBERT student initialized from teacher layers 0, 2 and 5."""
+    paths = {"data_file": os.path.join(base, "data", "train.bin"), "eval": os.path.join(base, "data", "eval.txt"),
+             "teacher": os.path.join(base, "teacher"), "student": os.path.join(base, "student")}
+    logger.warning("No --data_file/--teacher_name: running the built-in demo in %s (a generated corpus, a small "
+                   "BERT teacher trained on it first, a DistilBERT student made from its layers)", base)
+    with main_process_first(ctx):
+        if ctx.is_main and not os.path.isfile(os.path.join(paths["student"], "model.safetensors")):
+            logger.info("Building the demo's corpus, teacher and student (once; later runs reuse them)")
+            train_txt, _ = lm.write_builtin_corpus(os.path.join(base, "data"))
+            tokenizer = builtin.write_word_tokenizer(paths["teacher"], lm.builtin_words(),
+                                                     model_max_length=BUILTIN_TEACHER["max_position_embeddings"])
+            lm.binarize_file(train_txt, tokenizer, paths["data_file"], show_progress=False)
+            teacher = pretrain_builtin_teacher(ctx, paths["teacher"], paths["data_file"], tokenizer)
+            layers = extract_student.default_layers(BUILTIN_TEACHER["num_hidden_layers"], BUILTIN_STUDENT_LAYERS)
+            student, report = extract_student.extract(teacher, "distilbert", layers)
+
+            def save(folder: str) -> None:
+                student.save_pretrained(folder)
+                tokenizer.save_pretrained(folder)
+                write_json_atomic(os.path.join(folder, "extraction.json"), report)
+
+            save_folder_atomic(save, paths["student"])
+    return paths
+
+
+def pretrain_builtin_teacher(ctx: DistContext, folder: str, data_file: str, tokenizer: Any) -> nn.Module:
+    """Train the demo's teacher as a plain masked LM on the built-in corpus, in this process alone, and save it
+    into `folder`."""
+    torch.manual_seed(0)
+    teacher = BertForMaskedLM(builtin.tiny_bert_config(len(tokenizer), **BUILTIN_TEACHER)).to(ctx.device)
+    result = train_masked_lm(ctx, teacher, data_file, tokenizer, steps=BUILTIN_TEACHER_STEPS, learning_rate=3e-3,
+                             batch_size=32, max_len=BUILTIN_TEACHER["max_position_embeddings"],
+                             output_dir=os.path.dirname(folder))
+    logger.info("Built-in teacher: %d masked-LM steps, average loss %.3f", result.global_step, result.average_loss)
+    teacher.save_pretrained(folder)
+    return teacher.cpu()
+
+
+def train_masked_lm(ctx: DistContext, model: BertForMaskedLM, data_file: str, tokenizer: Any, steps: int,
+                    learning_rate: float, batch_size: int, max_len: int, output_dir: str, seed: int = 0) -> Any:
+    """Plain masked-LM training (BERT's 15% uniform masking, 80/10/10) of the parameters of a BertForMaskedLM
+    that require grad, in this process alone: how the demo's teacher learns its corpus (and the benchmark's
+    teacher its new LM head). Returns the shared loop's TrainResult."""
+    local = DistContext(device=ctx.device)
+    data = lm.LmDataset(lm.TokenFile(data_file), max_len, tokenizer.unk_token_id)
+    probs = masking_probabilities(np.ones(len(tokenizer)), 0.0, tokenizer.all_special_ids).to(ctx.device)
+    pred_probs = torch.tensor([0.8, 0.1, 0.1], device=ctx.device)
+
+    def mlm_step(model: nn.Module, batch: dict[str, torch.Tensor], state: Any) -> torch.Tensor:
+        ids, lengths = data.collate(batch["index"].tolist(), tokenizer.pad_token_id)
+        ids, lengths = ids.to(ctx.device), lengths.to(ctx.device)
+        mask = (torch.arange(ids.shape[1], device=ctx.device)[None, :] < lengths[:, None]).long()
+        inputs, labels = mlm_mask(ids, mask, probs, 0.15, pred_probs, tokenizer.mask_token_id, len(tokenizer))
+        hidden = model.bert(input_ids=inputs, attention_mask=mask).last_hidden_state
+        # The head only where there is something to predict: over a large vocabulary the projection dominates.
+        chosen = labels != -100
+        return lm_cross_entropy(model.cls(hidden[chosen]), labels[chosen], causal=False)
+
+    cfg = TrainConfig(output_dir=output_dir, per_device_batch_size=batch_size, learning_rate=learning_rate,
+                      max_steps=steps, warmup_proportion=0.05, logging_steps=0, save_steps=0, seed=seed,
+                      checkpoint_prefix="masked-lm")
+    return train(local, cfg, model, {"index": torch.arange(len(data))}, mlm_step,
+                 param_groups(model.named_parameters(), learning_rate, 0.0), lambda _: None)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# models and data
+
+
+def load_tokenizer(path: str, cache_dir: str | None) -> Any:
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(path, cache_dir=cache_dir)
+    except (OSError, ValueError) as err:
+        raise UserError(f"cannot load a tokenizer from {path}: {str(err).splitlines()[0]}") from None
+    if not getattr(tokenizer, "is_fast", False):
+        raise UserError(f"the tokenizer in {path} has no fast (Rust) version")
+    return tokenizer
+
+
+def load_student(args: argparse.Namespace, run: Run) -> nn.Module:
+    """The student: from a checkpoint when resuming, else from --student_pretrained_weights (a folder, or a
+    weights file matched by name against --student_config), else freshly initialized from --student_config."""
+    config_class, model_class = MODEL_CLASSES[run.student_type]
+    if run.resume:
+        return model_class.from_pretrained(run.resume)
+    config = load_config(run.student_config or run.student_weights, run.student_type, "student", args.cache_dir)
+    if run.student_weights is None:
+        config.initializer_range = args.initializer_range
+        logger.info("Student %s initialized at random (std %g)", run.student_type, args.initializer_range)
+        return model_class(config)
+    if os.path.isdir(run.student_weights):
+        return model_class.from_pretrained(run.student_weights, config=config)
+    try:
+        if run.student_weights.endswith(".safetensors"):
+            from safetensors.torch import load_file
+
+            state = load_file(run.student_weights)
+        else:
+            state = torch.load(run.student_weights, map_location="cpu", weights_only=True)
+    except Exception as err:  # noqa: BLE001 - any unreadable file is the same user error
+        raise UserError(f"cannot read student weights {run.student_weights}: {str(err).splitlines()[0]}") from None
+    model = model_class(config)
+    result = model.load_state_dict(state, strict=False)
+    if result.unexpected_keys or len(result.missing_keys) == len(model.state_dict()):
+        raise UserError(f"{run.student_weights} does not hold {run.student_type} weights for this config "
+                        f"(unexpected: {', '.join(result.unexpected_keys[:3]) or 'none'})")
+    logger.info("Student weights from %s; %d tensor(s) start fresh: %s", run.student_weights,
+                len(result.missing_keys), ", ".join(result.missing_keys[:6]))
+    return model
+
+
+def freeze_embeddings(student: nn.Module, args: argparse.Namespace, student_type: str) -> list[str]:
+    frozen = []
+    names = dict(student.named_parameters())
+    if args.freeze_pos_embs:
+        frozen.append(POSITION_EMBEDDINGS[student_type])
+    if args.freeze_token_type_embds:
+        frozen.append(TOKEN_TYPE_EMBEDDINGS[student_type])
+    for name in frozen:
+        names[name].requires_grad = False
+    return frozen
+
+
+def max_input_length(args: argparse.Namespace, tokenizer: Any, teacher: nn.Module, student: nn.Module) -> int:
+    limits = [position_limit(teacher.config), position_limit(student.config)]
+    if tokenizer.model_max_length < 1_000_000:
+        limits.append(int(tokenizer.model_max_length))
+    limit = min(limits)
+    if args.max_model_input_size is not None:
+        if args.max_model_input_size > limit:
+            raise UserError(f"--max_model_input_size {args.max_model_input_size} exceeds what the models accept "
+                            f"({limit} tokens)")
+        return args.max_model_input_size
+    return limit
+
+
+def open_corpus(ctx: DistContext, path: str, tokenizer: Any, causal: bool, what: str) -> lm.TokenFile:
+    """A binarized file, checked whole by rank 0 (framing, checksums, ids), made with this tokenizer, and
+    wrapped for this objective."""
+    with main_process_first(ctx):
+        token_file = lm.TokenFile(path, verify=ctx.is_main)
+    token_file.check_tokenizer(tokenizer)
+    wanted = "bos_eos" if causal else "cls_sep"
+    if token_file.wrap.style != wanted:
+        raise UserError(f"{path} was binarized for a {'causal' if wanted == 'cls_sep' else 'masked'} LM "
+                        f"({token_file.wrap.style.replace('_', '/')} around each line) but the {what} objective is "
+                        f"{'causal' if causal else 'masked'}; binarize it again with the matching --tokenizer_type")
+    return token_file
+
+
+def eval_corpus(ctx: DistContext, run: Run, tokenizer: Any, max_len: int) -> lm.LmDataset:
+    """The --eval_file as an LM dataset: a binarized file as it is, a text file binarized into the output
+    folder first (by rank 0)."""
+    path = run.eval_file
+    with open(path, "rb") as f:
+        binarized = f.read(len(lm.MAGIC_HEAD)) == lm.MAGIC_HEAD
+    if not binarized:
+        target = os.path.join(run.output_dir, "eval_data.bin")
+        with main_process_first(ctx):
+            if ctx.is_main:
+                lm.binarize_file(path, tokenizer, target, tokenizer_type="gpt2" if run.causal else None)
+        path = target
+    return lm.LmDataset(open_corpus(ctx, path, tokenizer, run.causal, "evaluation"), max_len,
+                        tokenizer.unk_token_id)
+
+
+def token_probabilities(ctx: DistContext, run: Run, token_file: lm.TokenFile, tokenizer: Any, vocab_size: int,
+                        smoothing: float) -> torch.Tensor:
+    """Masking weights per token id: count^-smoothing over the training data, zero for special tokens."""
+    if run.token_counts:
+        counts = lm.load_token_counts(run.token_counts, token_file.vocab)
+    else:
+        logger.info("No --token_counts: counting the tokens of %s", token_file.path)
+        counts = lm.count_tokens(token_file, show_progress=ctx.is_main)
+    padded = np.zeros(max(vocab_size, len(counts)), dtype=np.int64)
+    padded[:len(counts)] = counts
+    return masking_probabilities(padded[:vocab_size], smoothing, tokenizer.all_special_ids)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# the distillation loss
+
+
+def distillation_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, student_hidden: torch.Tensor | None,
+                      teacher_hidden: torch.Tensor | None, attention_mask: torch.Tensor, labels: torch.Tensor,
+                      losses: Losses, causal: bool) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """DistilBERT's loss mix: alpha_ce * soft cross-entropy(student, teacher; T) * T^2 over every real token
+    (or only the masked ones), + alpha_mlm * masked-LM or alpha_clm * causal-LM cross-entropy, + alpha_mse *
+    MSE of the logits (summed over the vocabulary, averaged over positions), + alpha_cos * (1 - cosine) of the
+    last hidden states. Returns (weighted sum, each active term unweighted)."""
+    mask = (labels != -100) if losses.restrict_ce_to_mask else attention_mask.bool()
+    terms: dict[str, torch.Tensor] = {}
+    if losses.alpha_ce > 0:
+        terms["loss_ce"] = soft_cross_entropy(student_logits, teacher_logits, losses.temperature, mask)
+    if losses.alpha_mlm > 0:
+        terms["loss_mlm"] = lm_cross_entropy(student_logits, labels, causal=False)
+    if losses.alpha_clm > 0:
+        terms["loss_clm"] = lm_cross_entropy(student_logits, labels, causal=True)
+    if losses.alpha_mse > 0:
+        # hidden_mse averages over the vocabulary too; the original summed over it (MSELoss(sum) / positions).
+        terms["loss_mse"] = hidden_mse(student_logits, teacher_logits, mask) * student_logits.shape[-1]
+    if losses.alpha_cos > 0:
+        terms["loss_cos"] = hidden_cosine(student_hidden, teacher_hidden, attention_mask)
+    weights = {"loss_ce": losses.alpha_ce, "loss_mlm": losses.alpha_mlm, "loss_clm": losses.alpha_clm,
+               "loss_mse": losses.alpha_mse, "loss_cos": losses.alpha_cos}
+    total = sum(weights[name] * value for name, value in terms.items())
+    return total, terms
+
+
+class LossMeter:
+    """Running sums of the loss terms, tokens and padding since the last log, and over the whole run."""
+
+    def __init__(self) -> None:
+        self.window: dict[str, float] = {}
+        self.batches = 0
+        self.tokens = self.padded = 0
+        self.total_tokens = self.total_padded = 0
+        self.since = time.perf_counter()
+
+    def add(self, terms: dict[str, torch.Tensor], tokens: int, padded: int) -> None:
+        for name, value in terms.items():
+            self.window[name] = self.window.get(name, 0.0) + float(value.detach())
+        self.batches += 1
+        self.tokens += tokens
+        self.padded += padded
+        self.total_tokens += tokens
+        self.total_padded += padded
+
+    def flush(self, ctx: DistContext) -> dict[str, float]:
+        """Averages over every rank since the last flush, tokens/s of all ranks, padding share, memory."""
+        seconds = time.perf_counter() - self.since
+        mine = (self.window, self.batches, self.tokens, self.padded, seconds)
+        everyone = all_gather_objects(mine, ctx)
+        batches = sum(b for _, b, _, _, _ in everyone)
+        out = {name: sum(w.get(name, 0.0) for w, *_ in everyone) / max(batches, 1) for name in self.window}
+        tokens = sum(t for _, _, t, _, _ in everyone)
+        padded = sum(p for _, _, _, p, _ in everyone)
+        out["tokens_per_second"] = tokens / max(max(s for *_, s in everyone), 1e-9)
+        out["padding_share"] = 1.0 - tokens / max(padded, 1)
+        out.update({f"memory_{k}": v for k, v in lm.approx_rss_mb().items()})
+        if ctx.device.type == "cuda":
+            out["memory_cuda_max_allocated_mb"] = torch.cuda.max_memory_allocated(ctx.device) / 2**20
+        self.window, self.batches, self.tokens, self.padded = {}, 0, 0, 0
+        self.since = time.perf_counter()
+        return out
+
+
+class DistillStep:
+    """The loss step for common.training.train: builds the batch from the sequence indices, masks it (MLM) or
+    labels it (CLM), runs student and teacher, and returns the loss mix."""
+
+    def __init__(self, run: Run, args: argparse.Namespace, data: lm.LmDataset, teacher: nn.Module, tokenizer: Any,
+                 token_probs: torch.Tensor | None, device: torch.device) -> None:
+        self.run, self.data, self.teacher, self.device = run, data, teacher, device
+        self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.unk_token_id
+        self.mask_id = tokenizer.mask_token_id
+        self.vocab_size = teacher.config.vocab_size
+        self.token_probs = token_probs.to(device) if token_probs is not None else None
+        self.pred_probs = torch.tensor([args.word_mask, args.word_keep, args.word_rand], device=device)
+        self.mask_prop = args.mlm_mask_prop
+        self.hidden = run.losses.alpha_cos > 0
+        self.meter = LossMeter()
+
+    def batch(self, indices: Sequence[int]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(input ids, attention mask, labels) for these sequences, on the device."""
+        ids, lengths = self.data.collate(indices, self.pad_id)
+        ids, lengths = ids.to(self.device), lengths.to(self.device)
+        attention_mask = (torch.arange(ids.shape[1], device=self.device)[None, :] < lengths[:, None]).long()
+        if self.run.causal:
+            return ids, attention_mask, clm_labels(ids, attention_mask)
+        inputs, labels = mlm_mask(ids, attention_mask, self.token_probs, self.mask_prop, self.pred_probs,
+                                  self.mask_id, self.vocab_size)
+        return inputs, attention_mask, labels
+
+    def __call__(self, model: nn.Module, batch: dict[str, torch.Tensor], state: Any) -> torch.Tensor:
+        inputs, attention_mask, labels = self.batch(batch["index"].tolist())
+        student = model(input_ids=inputs, attention_mask=attention_mask, output_hidden_states=self.hidden)
+        with torch.no_grad():
+            teacher = self.teacher(input_ids=inputs, attention_mask=attention_mask, output_hidden_states=self.hidden)
+        loss, terms = distillation_loss(
+            student.logits, teacher.logits, student.hidden_states[-1] if self.hidden else None,
+            teacher.hidden_states[-1] if self.hidden else None, attention_mask, labels, self.run.losses,
+            self.run.causal)
+        self.meter.add(terms, int(attention_mask.sum()), int(attention_mask.numel()))
+        return loss
+
+
+def distill(ctx: DistContext, args: argparse.Namespace, run: Run, student: nn.Module, teacher: nn.Module,
+            tokenizer: Any, data: lm.LmDataset, token_probs: torch.Tensor | None, max_len: int) -> dict[str, Any]:
+    """Train the student on the shared loop, with length-grouped batches unless --no_group_by_size."""
+    step = DistillStep(run, args, data, teacher, tokenizer, token_probs, ctx.device)
+
+    def save(folder: str) -> None:
+        student.save_pretrained(folder)
+        tokenizer.save_pretrained(folder)
+
+    cfg = TrainConfig.from_args(args, output_dir=run.output_dir, warmup_proportion=args.warmup_prop,
+                                save_each_epoch=True, adam_betas=ADAM_BETAS, dynamic_padding=False,
+                                checkpoint_prefix=STAGE)
+    order = lm.grouped_batch_order(data.lengths, max_len, cfg.per_device_batch_size, cfg.seed) \
+        if args.group_by_size else None
+    writer = SummaryWriter(logdir=os.path.join(run.output_dir, "runs")) if ctx.is_main else None
+    if writer is not None:
+        writer.add_text("config/training", json.dumps(vars(args), indent=1, default=str), 0)
+        writer.add_text("config/student", student.config.to_json_string(), 0)
+    logger.info("Student: %s, %.2fM parameters (%.2fM trainable); teacher: %s, %.2fM parameters",
+                run.student_type, count_parameters(student) / 1e6,
+                sum(p.numel() for p in student.parameters() if p.requires_grad) / 1e6, run.teacher_type,
+                count_parameters(teacher) / 1e6)
+    try:
+        result = train(ctx, cfg, student, {"index": torch.arange(len(data))}, step,
+                       param_groups(student.named_parameters(), args.learning_rate, args.weight_decay), save,
+                       tb_writer=writer, resume_from=run.resume, on_log=lambda state: step.meter.flush(ctx),
+                       batch_order=order)
+    finally:
+        if writer is not None:
+            writer.close()
+    tokens = sum(all_gather_objects((step.meter.total_tokens, step.meter.total_padded), ctx), start=np.zeros(2))
+    summary = {**asdict(result), "tokens": int(tokens[0]),
+               "tokens_per_second": float(tokens[0]) / max(result.seconds, 1e-9),
+               "padding_share": float(1.0 - tokens[0] / max(tokens[1], 1)), "group_by_size": args.group_by_size}
+    if ctx.is_main:
+        save_folder_atomic(save, run.output_dir)
+        logger.info("Saved the student to %s (%.0f tokens/s, %.1f%% of each batch padding)", run.output_dir,
+                    summary["tokens_per_second"], 100 * summary["padding_share"])
+    barrier()
+    return summary
+
+
+def count_parameters(model: nn.Module) -> int:
+    """Parameters, tied ones (input and output embeddings) counted once."""
+    return sum(p.numel() for p in model.parameters())
+
+
+# ----------------------------------------------------------------------------------------------------------
+# evaluation
+
+
+def evaluate(ctx: DistContext, args: argparse.Namespace, run: Run, student: nn.Module, teacher: nn.Module,
+             tokenizer: Any, max_len: int) -> dict[str, Any]:
+    """Perplexity of teacher and student on the held-out file (masked LM: the same fixed 15% of each sequence's
+    tokens masked for both models; causal LM: every next token), each model timed over the same batches."""
+    data = eval_corpus(ctx, run, tokenizer, max_len)
+    logger.info("Evaluation data: %s", data.describe())
+    order = np.argsort(data.lengths, kind="stable")  # similar lengths together: less padding, fairer timing
+    dataset = {"index": torch.from_numpy(order)}
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.unk_token_id
+    bs = args.per_gpu_eval_batch_size
+
+    def step_for(model: nn.Module):
+        def step(batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+            idx = batch["index"].cpu()
+            ids, lengths = data.collate(idx.tolist(), pad_id)
+            mask = (torch.arange(ids.shape[1])[None, :] < lengths[:, None]).long()
+            if run.causal:
+                inputs, labels = ids, clm_labels(ids, mask)
+            else:
+                inputs, labels = fixed_mlm_mask(ids, mask, idx.tolist(), tokenizer.all_special_ids, EVAL_MASK_PROP,
+                                                tokenizer.mask_token_id, EVAL_SEED)
+            logits = model(input_ids=inputs.to(ctx.device), attention_mask=mask.to(ctx.device)).logits
+            nll, count = sequence_nll(logits, labels.to(ctx.device), run.causal)
+            return {"nll": nll, "count": count, "tokens": lengths.to(ctx.device)}
+        return step
+
+    results: dict[str, Any] = {"eval_file": run.eval_file, "objective": "clm" if run.causal else "mlm",
+                               "sequences": len(data), "data": data.stats}
+    for name, model in (("teacher", teacher), ("student", student)):
+        model.eval()
+        warm = {"index": dataset["index"][-min(bs, len(data)):]}  # the longest batch, untimed
+        predict(ctx, warm, bs, step_for(model), dynamic_padding=False, desc="warm-up", fp16=args.fp16,
+                bf16=args.bf16)
+        out, seconds = predict(ctx, dataset, bs, step_for(model), dynamic_padding=False, desc=f"eval {name}",
+                               fp16=args.fp16, bf16=args.bf16)
+        nll, count, tokens = float(out["nll"].sum()), int(out["count"].sum()), int(out["tokens"].sum())
+        results[name] = {"perplexity": math.exp(nll / max(count, 1)), "loss": nll / max(count, 1),
+                         "predicted_tokens": count, "tokens": tokens, "parameters": count_parameters(model),
+                         "seconds": seconds, "tokens_per_second": tokens / max(seconds, 1e-9)}
+        logger.info("%s: perplexity %.3f over %d predicted tokens, %.1fM parameters, %.0f tokens/s", name,
+                    results[name]["perplexity"], count, results[name]["parameters"] / 1e6,
+                    results[name]["tokens_per_second"])
+    s, t = results["student"], results["teacher"]
+    results["student_vs_teacher"] = {"parameters": s["parameters"] / t["parameters"],
+                                     "speedup": t["seconds"] / max(s["seconds"], 1e-9),
+                                     "perplexity_ratio": s["perplexity"] / t["perplexity"]}
+    return results
+
+
+def loss_curves(log_path: str) -> dict[str, tuple[list[int], list[float]]]:
+    """Every loss term logged during training, by step (a resumed run's repeated steps: the last value)."""
+    by_step: dict[int, dict[str, Any]] = {}
+    if os.path.isfile(log_path):
+        with open(log_path, encoding="utf-8") as f:
+            for line in f:
+                record = json.loads(line)
+                if record.get("stage") == STAGE:
+                    by_step[int(record["step"])] = record
+    steps = sorted(by_step)
+    names = ["loss"] + sorted({k for r in by_step.values() for k in r if k.startswith("loss_")}) + ["lr"]
+    return {("loss (weighted sum)" if n == "loss" else n): ([s for s in steps if n in by_step[s]],
+                                                            [by_step[s][n] for s in steps if n in by_step[s]])
+            for n in names}
+
+
+def write_results(ctx: DistContext, run: Run, results: dict[str, Any]) -> None:
+    if not ctx.is_main:
+        return
+    write_json_atomic(os.path.join(run.output_dir, "all_results.json"), results)
+    if "eval" in results:
+        write_json_atomic(os.path.join(run.output_dir, "eval_results.json"), results["eval"])
+    curves = loss_curves(os.path.join(run.output_dir, "log_history.jsonl"))
+    if any(steps for steps, _ in curves.values()):
+        fig = visualize.plot_training_curves(curves, title=f"Distillation of a {run.student_type} student from a "
+                                                           f"{run.teacher_type} teacher: loss terms")
+        visualize.save(fig, os.path.join(run.output_dir, "loss_terms.png"))
+
+
+# ----------------------------------------------------------------------------------------------------------
+
+
+def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
+    args = parse_args(argv)
+    ctx = setup_distributed(args.no_cuda, args.local_rank)
+    try:
+        setup_logging(ctx)
+        run = resolve_run(args, ctx)
+        if ctx.is_main:
+            os.makedirs(run.output_dir, exist_ok=True)
+            if not run.resume and os.path.isfile(os.path.join(run.output_dir, "log_history.jsonl")):
+                os.remove(os.path.join(run.output_dir, "log_history.jsonl"))  # a fresh run: not the old one's log
+            write_json_atomic(os.path.join(run.output_dir, "run_args.json"),
+                              {"argv": list(sys.argv if argv is None else argv), "args": vars(args),
+                               "resolved": asdict(run), "world_size": ctx.world_size, "device": str(ctx.device)})
+        barrier()
+        set_seed(args.seed)
+        tokenizer = load_tokenizer(run.tokenizer_path, args.cache_dir)
+        teacher = extract_student.load_teacher(run.teacher_path, run.teacher_type, args.cache_dir).to(ctx.device)
+        teacher.eval().requires_grad_(False)
+        student = load_student(args, run).to(ctx.device)
+        frozen = freeze_embeddings(student, args, run.student_type)
+        if len(tokenizer) > teacher.config.vocab_size:
+            raise UserError(f"the tokenizer {run.tokenizer_path} has {len(tokenizer)} tokens, more than the "
+                            f"teacher's vocabulary of {teacher.config.vocab_size}")
+        max_len = max_input_length(args, tokenizer, teacher, student)
+        token_file = open_corpus(ctx, run.data_file, tokenizer, run.causal, "training")
+        data = lm.LmDataset(token_file, max_len, tokenizer.unk_token_id)
+        logger.info("Training data: %s", data.describe())
+        token_probs = None if run.causal else token_probabilities(ctx, run, token_file, tokenizer,
+                                                                  teacher.config.vocab_size, args.mlm_smoothing)
+        results: dict[str, Any] = {"student_type": run.student_type, "teacher": run.teacher_path,
+                                   "objective": "clm" if run.causal else "mlm", "losses": asdict(run.losses),
+                                   "max_model_input_size": max_len, "frozen": frozen, "data": data.stats}
+        results["train"] = distill(ctx, args, run, student, teacher, tokenizer, data, token_probs, max_len)
+        if run.eval_file:
+            results["eval"] = evaluate(ctx, args, run, student, teacher, tokenizer, max_len)
+            e = results["eval"]
+            logger.info("***** student perplexity %.3f vs teacher %.3f; %.0f%% of its parameters, %.2fx its speed "
+                        "*****", e["student"]["perplexity"], e["teacher"]["perplexity"],
+                        100 * e["student_vs_teacher"]["parameters"], e["student_vs_teacher"]["speedup"])
+        write_results(ctx, run, results)
+        return results
+    finally:
+        cleanup_distributed()
+
+
+if __name__ == "__main__":
+    sys.exit(run_cli(main))
