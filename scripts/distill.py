@@ -213,10 +213,21 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     add_distributed_args(parser)
     args = parser.parse_args(argv)
     if args.data_file is None and args.teacher_name is None:
-        apply_builtin_defaults(parser, args, BUILTIN_DEFAULTS)
+        # Only flags the user left out take the demo's values: an explicit "--alpha_mlm 0" stays 0.
+        given = flags_given(parser, argv)
+        apply_builtin_defaults(parser, args, {k: v for k, v in BUILTIN_DEFAULTS.items() if k not in given})
         if not args.clm:
             args.mlm = True
     return args
+
+
+def flags_given(parser: argparse.ArgumentParser, argv: Sequence[str] | None) -> set[str]:
+    """The destinations of the flags on the command line, even those given their default value (parsing into a
+    namespace prefilled with a marker: argparse fills in defaults only where an attribute is missing)."""
+    unset = object()
+    names = vars(parser.parse_args([]))
+    probe = parser.parse_args(argv, namespace=argparse.Namespace(**{name: unset for name in names}))
+    return {name for name, value in vars(probe).items() if value is not unset}
 
 
 @dataclass(frozen=True)
