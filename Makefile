@@ -14,12 +14,14 @@ MINILM = model="$(BENCH_MODEL)"; [ -n "$$model" ] || model=$$($(BIN)/python -c "
 
 install: $(STAMP)
 
-$(STAMP): requirements.txt
+$(STAMP): requirements.txt pyproject.toml setup.cfg
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
 	# torch first and alone: the pinned CPU wheel, so nothing else drags in a CUDA build.
 	$(BIN)/python -m pip install --quiet torch==2.13.0
 	$(BIN)/python -m pip install --quiet -r requirements.txt
+	# This project's package (common/), editable; --no-deps: the requirements above are the tested set.
+	$(BIN)/python -m pip install --quiet --no-deps -e .
 	touch $(STAMP)
 
 demo: demo-glue demo-squad demo-distill

@@ -13,14 +13,14 @@ import json
 import logging
 import os
 import re
-import tempfile
 from typing import Any, Callable, Mapping
 
 import torch
 from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 
 from common.distributed import DistContext, main_process_first
+from common.io import save_tensors_atomic
 
 logger = logging.getLogger(__name__)
 
@@ -76,21 +76,6 @@ def _try_load(path: str, key_json: str) -> dict[str, torch.Tensor] | None:
     except (SafetensorError, OSError, ValueError, RuntimeError) as err:
         logger.warning("Feature cache %s is damaged (%s); rebuilding it", path, err)
         return None
-
-
-def save_tensors_atomic(path: str, tensors: Mapping[str, torch.Tensor], metadata: Mapping[str, str]) -> None:
-    """Write a safetensors file through a temporary file in the same folder, then rename it into place."""
-    folder = os.path.dirname(os.path.abspath(path))
-    os.makedirs(folder, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".safetensors", dir=folder)
-    os.close(fd)
-    try:
-        save_file({k: v.contiguous() for k, v in tensors.items()}, tmp, metadata=dict(metadata))
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
 
 
 def load_and_cache_examples(

@@ -3,8 +3,15 @@
 from __future__ import annotations
 
 import logging
+import os
 import sys
 from typing import Callable, Sequence
+
+from common.io import write_json_atomic
+
+# A caller that runs a script as a program (common.bench) names a file here to get what the script's main()
+# returned, as JSON.
+RESULTS_ENV = "COMPRESS_BERT_RESULTS_JSON"
 
 
 class UserError(Exception):
@@ -21,9 +28,11 @@ def file_error(path: str, line: int | None, reason: str, fix: str | None = None)
 
 
 def run_cli(main: Callable[[Sequence[str] | None], object], argv: Sequence[str] | None = None) -> int:
-    """Run a script's main(); a UserError becomes one line on stderr and exit code 2."""
+    """Run a script's main(); a UserError becomes one line on stderr and exit code 2. When the environment
+    variable COMPRESS_BERT_RESULTS_JSON names a file, what main() returned is written there as JSON (by rank 0
+    alone under torchrun)."""
     try:
-        main(argv)
+        result = main(argv)
     except UserError as err:
         logging.getLogger(__name__).debug("user error", exc_info=True)
         print(f"error: {err}", file=sys.stderr)
@@ -31,4 +40,7 @@ def run_cli(main: Callable[[Sequence[str] | None], object], argv: Sequence[str] 
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
+    target = os.environ.get(RESULTS_ENV)
+    if target and os.environ.get("RANK", "0") == "0":
+        write_json_atomic(target, result)
     return 0

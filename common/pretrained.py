@@ -1,8 +1,11 @@
-"""Checks on model folders before from_pretrained, so a bad path gets one clear line, not a traceback."""
+"""What the scripts read of a pretrained model before and after from_pretrained: the folder checked first (so a
+bad path gets one clear line, not a traceback), the names of its weight files, and where its layers are."""
 
 from __future__ import annotations
 
 import os
+
+from torch import nn
 
 from common.errors import UserError
 
@@ -26,3 +29,16 @@ def check_model_folder(path: str) -> None:
     if missing:
         raise UserError(f"{path} is not a complete model folder: {' and '.join(missing)} missing; point "
                         "--model_name_or_path at a folder written by save_pretrained (or a finished checkpoint)")
+
+
+def find_encoder_layers(model: nn.Module) -> tuple[str, nn.ModuleList]:
+    """The model's list of transformer layers and its module name (BERT/RoBERTa `...encoder.layer`, DistilBERT
+    `...transformer.layer`, ...): the nn.ModuleList with one entry per hidden layer, the outermost if several.
+    The one rule early exit (hooks on each layer) and pruning (the layers' linear maps) both use."""
+    config = getattr(model, "config", None)
+    expected = getattr(config, "num_hidden_layers", None) or getattr(config, "n_layers", None)
+    found = [(name, m) for name, m in model.named_modules() if isinstance(m, nn.ModuleList) and len(m) == expected]
+    if not found:
+        raise UserError(f"cannot find the {expected} encoder layers of {type(model).__name__}: this needs a model "
+                        "whose transformer layers form one nn.ModuleList (bert, roberta, distilbert, ...)")
+    return min(found, key=lambda item: len(item[0]))

@@ -10,7 +10,6 @@ never pyplot, so importing this module does not touch the user's global backend.
 from __future__ import annotations
 
 import os
-import uuid
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -20,6 +19,8 @@ from matplotlib.backend_bases import FigureCanvasBase
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 from matplotlib.ticker import MaxNLocator
+
+from common.io import atomic_path
 
 __all__ = ["UnsupportedImageError", "figure_to_array", "plot_early_exit_sweep", "plot_metric_per_layer",
            "plot_remaining_weights", "plot_threshold_schedule", "plot_training_curves", "save"]
@@ -136,12 +137,6 @@ def _array_figure(image: np.ndarray) -> Figure:
     return fig
 
 
-def _temp_path(path: str, ext: str) -> str:
-    """A unique hidden file next to `path`, ending in `ext` because cv2 and matplotlib choose the format from it."""
-    folder, name = os.path.split(path)
-    return os.path.join(folder, f".{name}.{uuid.uuid4().hex[:12]}.tmp{ext}")
-
-
 def save(obj: Figure | np.ndarray, path: str | os.PathLike[str]) -> str:
     """Save a Figure or an image array to `path` atomically and return the path as a string.
 
@@ -176,8 +171,7 @@ def save(obj: Figure | np.ndarray, path: str | os.PathLike[str]) -> str:
     folder = os.path.dirname(path)
     if folder:
         os.makedirs(folder, exist_ok=True)
-    tmp = _temp_path(path, ext)
-    try:
+    with atomic_path(path, suffix=ext) as tmp:
         if ext in _CV2_EXTENSIONS:
             try:
                 ok = cv2.imwrite(tmp, payload)
@@ -187,13 +181,6 @@ def save(obj: Figure | np.ndarray, path: str | os.PathLike[str]) -> str:
                 raise OSError(f"could not write image {path} (cv2.imwrite returned False)")
         else:
             payload.savefig(tmp, format=ext[1:])
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.remove(tmp)
-        except FileNotFoundError:
-            pass
-        raise
     return path
 
 

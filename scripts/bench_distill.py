@@ -28,34 +28,29 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import subprocess
 import sys
 import time
 from typing import Any, Sequence
 
-_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-_SCRIPTS = os.path.join(_ROOT, "scripts")
-for _path in (_ROOT, _SCRIPTS):
-    if _path not in sys.path:
-        sys.path.insert(0, _path)
+import torch
+from transformers import AutoTokenizer, BertForMaskedLM
 
-import torch  # noqa: E402
-from transformers import AutoTokenizer, BertForMaskedLM  # noqa: E402
+from common.bench import bench_parser, format_table, new_record, run_script, write_record
+from common.builtin.distill import train_masked_lm
+from common.distributed import DistContext
+from common.errors import UserError, run_cli
+from common.pretrained import check_model_folder
+from common.io import write_bytes_atomic, write_text_atomic
 
-import distill  # noqa: E402
-import extract_student  # noqa: E402
-from bench_glue_early_exit import environment, format_table  # noqa: E402
-from common.distributed import DistContext  # noqa: E402
-from common.errors import UserError, run_cli  # noqa: E402
-from common.pretrained import check_model_folder  # noqa: E402
-from common.training import write_json_atomic  # noqa: E402
+SCRIPTS = os.path.dirname(os.path.abspath(__file__))
+BINARIZE = os.path.join(SCRIPTS, "binarize_data.py")
+TOKEN_COUNTS = os.path.join(SCRIPTS, "token_counts.py")
+EXTRACT_STUDENT = os.path.join(SCRIPTS, "extract_student.py")
+DISTILL = os.path.join(SCRIPTS, "distill.py")
 
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    parser.add_argument("--model_name_or_path", required=True,
-                        help="Teacher folder: a BERT encoder (its masked-LM head, if any, is replaced).")
+    parser = bench_parser(__doc__, "Teacher folder: a BERT encoder (its masked-LM head, if any, is replaced).")
     parser.add_argument("--data_dir", required=True,
                         help="Folder with WikiText-2 raw: wiki.test.raw and wiki.valid.raw.")
     parser.add_argument("--output_dir", default=os.path.join("runs", "bench-distill"),
@@ -89,38 +84,23 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
 
 
 def binarize_in_subprocess(text: str, tokenizer: str, dump: str) -> dict[str, Any]:
-    """scripts/binarize_data.py's main in a fresh interpreter, so its peak memory is its own."""
+    """scripts/binarize_data.py in a fresh process, so its peak memory is its own."""
     argv = ["--file_path", text, "--tokenizer_name", tokenizer, "--dump_file", dump]
-    code = ("import json, sys; sys.path.insert(0, 'scripts'); import binarize_data; "
-            f"print('RESULT ' + json.dumps(binarize_data.main({argv!r})))")
-    env = {**os.environ, "TRANSFORMERS_VERBOSITY": "error"}
-    start = time.perf_counter()
-    proc = subprocess.run([sys.executable, "-c", code], cwd=_ROOT, capture_output=True, text=True, env=env)
-    if proc.returncode != 0:
-        raise RuntimeError(f"binarize_data.py failed: {proc.stderr[-2000:]}")
-    line = next(x for x in proc.stdout.splitlines() if x.startswith("RESULT "))
-    return {**json.loads(line[len("RESULT "):]), "process_seconds": time.perf_counter() - start,
-            "text_bytes": os.path.getsize(text)}
+    result, seconds = run_script(BINARIZE, argv, env={"TRANSFORMERS_VERBOSITY": "error"}, quiet=True)
+    return {**result, "process_seconds": seconds, "text_bytes": os.path.getsize(text)}
 
 
 def repeat_file(source: str, dest: str, times: int) -> str:
-    tmp = f"{dest}.tmp-{os.getpid()}"
     with open(source, "rb") as f:
         data = f.read()
-    with open(tmp, "wb") as f:
-        for _ in range(times):
-            f.write(data)
-    os.replace(tmp, dest)
+    write_bytes_atomic(dest, [data] * times)
     return dest
 
 
 def head_lines(source: str, dest: str, n: int) -> str:
     with open(source, encoding="utf-8") as f:
         lines = [line for _, line in zip(range(n), f)]
-    tmp = f"{dest}.tmp-{os.getpid()}"
-    with open(tmp, "w", encoding="utf-8") as f:
-        f.writelines(lines)
-    os.replace(tmp, dest)
+    write_text_atomic(dest, "".join(lines))
     return dest
 
 
@@ -135,9 +115,9 @@ def prepare_teacher(args: argparse.Namespace, data_file: str, dest: str) -> dict
     info: dict[str, Any] = {"head_steps": args.head_steps, "trainable_parameters": trainable}
     if args.head_steps > 0:
         ctx = DistContext(device=torch.device("cuda" if torch.cuda.is_available() else "cpu"))
-        result = distill.train_masked_lm(ctx, model.to(ctx.device), data_file, tokenizer, args.head_steps,
-                                         args.head_learning_rate, args.head_batch_size, args.max_seq_length, dest,
-                                         seed=args.seed)
+        result = train_masked_lm(ctx, model.to(ctx.device), data_file, tokenizer, args.head_steps,
+                                 args.head_learning_rate, args.head_batch_size, args.max_seq_length, dest,
+                                 seed=args.seed)
         info.update(seconds=result.seconds, average_loss=result.average_loss)
         model = model.cpu()
     model.requires_grad_(True)
@@ -155,10 +135,8 @@ def distill_run(args: argparse.Namespace, files: dict[str, str], out: str, group
             "--gradient_accumulation_steps", "1", "--max_model_input_size", str(args.max_seq_length),
             "--log_interval", "2", "--checkpoint_interval", "0", "--seed", str(args.seed),
             "--per_gpu_eval_batch_size", "32", "--group_by_size" if grouped else "--no_group_by_size"]
-    print("+ distill.py " + " ".join(argv + (["--eval_file", eval_file] if eval_file else [])), flush=True)
-    start = time.perf_counter()
-    results = distill.main(argv + (["--eval_file", eval_file] if eval_file else []))
-    results["run_seconds"] = time.perf_counter() - start
+    results, seconds = run_script(DISTILL, argv + (["--eval_file", eval_file] if eval_file else []))
+    results["run_seconds"] = seconds
     log = os.path.join(out, "log_history.jsonl")
     results["memory_rss_mb_logged"] = []
     if os.path.isfile(log):
@@ -203,7 +181,6 @@ def report(bench: dict[str, Any]) -> str:
                 f"{cfg['distill_steps']} distillation steps",
                 format_table(["model", "perplexity", "parameters", "seconds", "tokens/s"], rows),
                 f"student: {100 * s['parameters']:.0f}% of the teacher's parameters, {s['speedup']:.2f}x its speed"]
-    out += ["", "Wall time: " + ", ".join(f"{k} {v:.0f}s" for k, v in bench["wall_seconds"].items())]
     return "\n".join(out)
 
 
@@ -214,8 +191,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     data_dir = os.path.join(out, "data")
     os.makedirs(data_dir, exist_ok=True)
     wall: dict[str, float] = {}
-    bench: dict[str, Any] = {"config": vars(args),
-                             "command": ["scripts/bench_distill.py", *(sys.argv[1:] if argv is None else argv)]}
+    bench = new_record("bench_distill.py", args, argv)
     test_raw = os.path.join(args.data_dir, "wiki.test.raw")
 
     t0 = time.perf_counter()
@@ -237,11 +213,9 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     t0 = time.perf_counter()
     bench["teacher"] = prepare_teacher(args, files["data"], files["teacher"])
     wall["teacher_head"] = time.perf_counter() - t0
-    import token_counts
-
-    token_counts.main(["--data_file", files["data"], "--token_counts_dump", files["counts"]])
-    bench["student"] = extract_student.main(["--model_name", files["teacher"], "--vocab_transform",
-                                             "--dump_checkpoint", files["student"]])
+    run_script(TOKEN_COUNTS, ["--data_file", files["data"], "--token_counts_dump", files["counts"]])
+    bench["student"], _ = run_script(EXTRACT_STUDENT, ["--model_name", files["teacher"], "--vocab_transform",
+                                                       "--dump_checkpoint", files["student"]])
     eval_file = head_lines(os.path.join(args.data_dir, "wiki.valid.raw"), os.path.join(data_dir, "valid.head.raw"),
                            args.eval_lines)
 
@@ -249,14 +223,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     bench["distill"] = [distill_run(args, files, os.path.join(out, "distill-grouped"), True, eval_file),
                         distill_run(args, files, os.path.join(out, "distill-ungrouped"), False, None)]
     wall["distill"] = time.perf_counter() - t0
-    wall["total"] = time.perf_counter() - start
-    bench["wall_seconds"] = wall
-    bench["environment"] = environment("cuda" if torch.cuda.is_available() else "cpu")
-    bench["load_average"] = os.getloadavg() if hasattr(os, "getloadavg") else None
-    write_json_atomic(os.path.join(out, "bench_results.json"), bench)
-    print("\n" + report(bench), flush=True)
-    print(f"\nResults: {os.path.join(out, 'bench_results.json')}", flush=True)
-    return bench
+    return write_record(out, bench, wall, start, report)
 
 
 if __name__ == "__main__":

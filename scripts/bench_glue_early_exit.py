@@ -1,11 +1,11 @@
 #!/usr/bin/env python
 """Benchmark DeeBERT early exit on a real GLUE task (`make bench`): accuracy against speed, and training speed.
 
-Runs scripts/run_glue_early_exit.py in-process, several times:
+Runs scripts/run_glue_early_exit.py, each time in a fresh process, several times:
 
 1. fine-tunes the model with DeeBERT's two stages on a fixed-seed subset of the train file (written as a
    GLUE-format train.tsv, with a copy of the dev file, into <output_dir>/data/); stage two (the off-ramps)
-   at its own, larger --stage2_learning_rate;
+   at its own, larger --stage2_learning_rate (the script's --off_ramp_learning_rate);
 2. evaluates it on the whole dev set at each --eval_batch_sizes with an entropy sweep: metric, average exit
    layer, fraction of layer computations saved, wall time and speed-up over running all layers (plus the
    metric of every exit layer, once);
@@ -27,38 +27,33 @@ timed passes, the training runs do not. torch runs one thread unless --torch_thr
 from __future__ import annotations
 
 import argparse
-import math
 import os
-import platform
 import random
 import shutil
 import sys
 import time
 from typing import Any, Sequence
 
-_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-_SCRIPTS = os.path.join(_ROOT, "scripts")
-for _path in (_ROOT, _SCRIPTS):
-    if _path not in sys.path:
-        sys.path.insert(0, _path)
+import torch
 
-import torch  # noqa: E402
-import transformers  # noqa: E402
+from common.batches import epoch_batches
+from common.bench import (
+    abba_order, bench_parser, format_table, load_average, new_record, run_script, write_record,
+)
+from common.data import glue
+from common.data.glue import eval_tasks
+from common.distributed import DistContext
+from common.errors import UserError, run_cli
+from common.loaders import load_tokenizer
+from common.io import write_text_atomic
+from common.training import TrainConfig, plan_for_examples
 
-import run_glue_early_exit  # noqa: E402
-from common.data import glue  # noqa: E402
-from common.distributed import DistContext  # noqa: E402
-from common.errors import UserError, run_cli  # noqa: E402
-from common.training import epoch_batches, write_json_atomic  # noqa: E402
-
+SCRIPT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "run_glue_early_exit.py")
 DEFAULT_ENTROPIES = (0.0, 0.05, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6)
 
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    parser.add_argument("--model_name_or_path", required=True,
-                        help="Folder of the pretrained BERT/RoBERTa model to fine-tune (e.g. all-MiniLM-L6-v2).")
+    parser = bench_parser(__doc__, "Folder of the pretrained BERT/RoBERTa model to fine-tune (e.g. all-MiniLM-L6-v2).")
     parser.add_argument("--data_dir", required=True, help="Folder with the task's GLUE train/dev .tsv files.")
     parser.add_argument("--task_name", default="sst-2", help="GLUE task: " + ", ".join(glue.TASKS))
     parser.add_argument("--output_dir", default=os.path.join("runs", "bench-glue"),
@@ -92,21 +87,13 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
                              "machine shared with other jobs, two threads spend most of their time waiting for a "
                              "descheduled peer (measured here: 7-14 s instead of ~1.5 s per training step).")
     args = parser.parse_args(argv)
-    problems = []
-    if args.train_examples < 0:
-        problems.append("--train_examples cannot be negative (0 means the whole train file)")
-    if args.throughput_repeats < 1:
-        problems.append("--throughput_repeats must be at least 1")
-    if args.throughput_steps < 0:
-        problems.append("--throughput_steps cannot be negative (0 skips the throughput runs)")
+    minimums = {"train_examples": (0, "0 means the whole train file"), "throughput_repeats": (1, ""),
+                "throughput_steps": (0, "0 skips the throughput runs"), "torch_threads": (0, "0: torch's default"),
+                "stage2_learning_rate": (0, "0: the same as --learning_rate"), "train_batch_size": (1, "")}
+    problems = [f"--{name} must be at least {low}" + (f" ({hint})" if hint else "")
+                for name, (low, hint) in minimums.items() if getattr(args, name) < low]
     if any(b < 1 for b in args.eval_batch_sizes):
         problems.append("--eval_batch_sizes must all be at least 1")
-    if args.torch_threads < 0:
-        problems.append("--torch_threads cannot be negative (0: torch's default)")
-    if args.stage2_learning_rate < 0:
-        problems.append("--stage2_learning_rate cannot be negative (0: the same as --learning_rate)")
-    if args.train_batch_size < 1:
-        problems.append("--train_batch_size must be at least 1")
     try:
         args.task_name = glue.canonical_task_name(args.task_name)
         if glue.get_task(args.task_name).is_regression:
@@ -149,12 +136,9 @@ def write_subset(args: argparse.Namespace, dest: str) -> dict[str, Any]:
     if 0 < args.train_examples < total:
         keep = sorted(random.Random(args.seed).sample(range(total), args.train_examples))
         rows = [rows[i] for i in keep]
-    tmp = os.path.join(dest, f".{task.train_file}.tmp-{os.getpid()}")
-    with open(tmp, "w", encoding="utf-8") as f:
-        f.write("\n".join(header + rows) + "\n")
-    os.replace(tmp, os.path.join(dest, task.train_file))
+    write_text_atomic(os.path.join(dest, task.train_file), "\n".join(header + rows) + "\n")
     dev_rows = {}
-    for eval_task in run_glue_early_exit.eval_tasks(task.name):
+    for eval_task in eval_tasks(task.name):
         dev_file = glue.get_task(eval_task).dev_file
         dev_source = _source_file(args.data_dir, task, dev_file)
         shutil.copyfile(dev_source, os.path.join(dest, dev_file))
@@ -173,52 +157,32 @@ def common_flags(args: argparse.Namespace, data_dir: str) -> list[str]:
     return flags + (["--do_lower_case"] if args.do_lower_case else [])
 
 
-def timed_main(argv: list[str]) -> tuple[dict[str, Any], float]:
-    print("+ run_glue_early_exit.py " + " ".join(argv), flush=True)
-    start = time.perf_counter()
-    results = run_glue_early_exit.main(argv)
-    return results, time.perf_counter() - start
+def timed_main(args: argparse.Namespace, argv: list[str]) -> tuple[dict[str, Any], float]:
+    """run_glue_early_exit.py in its own process, on --torch_threads threads: its results and seconds."""
+    threads = {"OMP_NUM_THREADS": str(args.torch_threads)} if args.torch_threads > 0 else None
+    return run_script(SCRIPT, argv, env=threads)
 
 
 def stage_steps(args: argparse.Namespace, train_rows: int) -> int:
-    """Optimizer steps of one training stage, counted as common.training.train counts them (one process)."""
-    return math.ceil(math.ceil(train_rows / args.train_batch_size) * args.num_train_epochs)
+    """Optimizer steps of one training stage: the shared loop's own step plan (one process)."""
+    cfg = TrainConfig(output_dir="", per_device_batch_size=args.train_batch_size,
+                      num_train_epochs=args.num_train_epochs)
+    return plan_for_examples(train_rows, cfg).total_steps
 
 
 def fine_tune(args: argparse.Namespace, data_dir: str, out: str, train_rows: int) -> dict[str, Any]:
-    """DeeBERT's two stages; stage two at --stage2_learning_rate when that differs from --learning_rate.
-
-    run_glue_early_exit.py has one learning rate for both stages and always trains both. For a separate
-    stage-two rate: train both stages at --learning_rate, saving a checkpoint at the last step of stage one,
-    then resume from that checkpoint with the stage-two rate: stage one has nothing left to do, stage two
-    retrains the off-ramps from scratch (the first run's stage two is discarded, only its time is lost).
-    """
+    """DeeBERT's two stages, stage two (the off-ramps) at --stage2_learning_rate (run_glue_early_exit.py's
+    --off_ramp_learning_rate) when that is not 0."""
     steps = stage_steps(args, train_rows)
-    separate = args.stage2_learning_rate not in (0, args.learning_rate)
+    stage2_lr = args.stage2_learning_rate or args.learning_rate
     flags = [*common_flags(args, data_dir), "--num_train_epochs", str(args.num_train_epochs),
              "--warmup_steps", str(int(args.warmup_proportion * steps)),
              "--per_gpu_train_batch_size", str(args.train_batch_size), "--output_dir", out, "--overwrite_output_dir"]
-    first, seconds = timed_main(["--do_train", "--model_name_or_path", args.model_name_or_path, *flags,
-                                 "--learning_rate", str(args.learning_rate),
-                                 "--save_steps", str(steps) if separate else "0"])
-    result = {"output_dir": out, "stage1_learning_rate": args.learning_rate,
-              "stage2_learning_rate": args.stage2_learning_rate if separate else args.learning_rate,
-              "train": dict(first["train"]), "run_seconds": [seconds]}
-    if not separate:
-        return result
-    checkpoint = os.path.join(out, f"{run_glue_early_exit.STAGE1}-{steps:06d}")
-    if not os.path.isdir(checkpoint):
-        raise UserError(f"expected the stage-one checkpoint {checkpoint} after {steps} steps; it is not there")
-    second, seconds = timed_main(["--do_train", "--model_name_or_path", args.model_name_or_path, *flags,
-                                  "--resume_from_checkpoint", checkpoint,
-                                  "--learning_rate", str(args.stage2_learning_rate), "--save_steps", "0"])
-    result["discarded_stage2"] = first["train"]["stage2"]
-    result["train"]["stage2"] = second["train"]["stage2"]
-    result["run_seconds"].append(seconds)
-    for name in os.listdir(out):  # the checkpoints served their purpose; each holds a model and an optimizer
-        if name.startswith((run_glue_early_exit.STAGE1, run_glue_early_exit.STAGE2)):
-            shutil.rmtree(os.path.join(out, name), ignore_errors=True)
-    return result
+    results, seconds = timed_main(args, ["--do_train", "--model_name_or_path", args.model_name_or_path, *flags,
+                                         "--learning_rate", str(args.learning_rate),
+                                         "--off_ramp_learning_rate", str(stage2_lr), "--save_steps", "0"])
+    return {"output_dir": out, "stage1_learning_rate": args.learning_rate, "stage2_learning_rate": stage2_lr,
+            "train": dict(results["train"]), "run_seconds": [seconds]}
 
 
 def throughput_run(args: argparse.Namespace, data_dir: str, out: str, dynamic: bool) -> dict[str, Any]:
@@ -228,13 +192,13 @@ def throughput_run(args: argparse.Namespace, data_dir: str, out: str, dynamic: b
             "--max_steps", str(args.throughput_steps), "--learning_rate", str(args.learning_rate),
             "--per_gpu_train_batch_size", str(args.train_batch_size), "--save_steps", "0",
             "--dynamic_padding" if dynamic else "--no_dynamic_padding"]
-    results, seconds = timed_main(argv)
+    results, seconds = timed_main(args, argv)
     return {"stage1": results["train"]["stage1"], "stage2": results["train"]["stage2"], "run_seconds": seconds}
 
 
 def throughput(args: argparse.Namespace, data_dir: str, out: str) -> list[dict[str, Any]]:
     """Both padding modes, --throughput_repeats runs each in ABBA order, pooled per mode."""
-    order = [(i // 2 + i) % 2 == 1 for i in range(2 * args.throughput_repeats)]  # F D D F F D D F ...
+    order = abba_order(args.throughput_repeats)  # F D D F F D D F ...
     runs: dict[bool, list[dict[str, Any]]] = {False: [], True: []}
     for dynamic in order:
         name = "dynamic" if dynamic else "fixed"
@@ -253,10 +217,9 @@ def throughput(args: argparse.Namespace, data_dir: str, out: str) -> list[dict[s
 
 
 def padding_stats(args: argparse.Namespace, data_dir: str) -> dict[str, Any]:
-    """Tokens per row in the batches the throughput runs draw (common.training.epoch_batches, same seed): real,
+    """Tokens per row in the batches the throughput runs draw (common.batches.epoch_batches, same seed): real,
     and padded under each scheme. Their ratio is what dynamic padding can save, whatever the machine's load."""
-    tokenizer = run_glue_early_exit.load_tokenizer(
-        args.model_name_or_path, argparse.Namespace(do_lower_case=args.do_lower_case, cache_dir=""))
+    tokenizer = load_tokenizer(args.model_name_or_path, do_lower_case=args.do_lower_case)
     task = args.task_name
     mask = glue.featurize(glue.read_examples(task, data_dir, "train"), tokenizer, task,
                           args.max_seq_length)["attention_mask"]
@@ -281,37 +244,11 @@ def evaluate(args: argparse.Namespace, data_dir: str, model_dir: str, out: str, 
     argv = ["--do_eval", "--model_name_or_path", model_dir, "--output_dir", out, *common_flags(args, data_dir),
             "--per_gpu_eval_batch_size", str(batch_size),
             "--early_exit_entropy", *(f"{e:g}" for e in args.early_exit_entropy)]
-    return timed_main(argv + (["--eval_each_highway"] if each_highway else []))
-
-
-def load_average() -> list[float] | None:
-    return [round(x, 2) for x in os.getloadavg()] if hasattr(os, "getloadavg") else None
-
-
-def environment(device: str) -> dict[str, Any]:
-    return {
-        "python": platform.python_version(), "platform": platform.platform(), "torch": torch.__version__,
-        "transformers": transformers.__version__, "cpu_count": os.cpu_count(),
-        "cpus_usable": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count(),
-        "torch_threads": torch.get_num_threads(), "torch_interop_threads": torch.get_num_interop_threads(),
-        "device": device, "cuda_available": torch.cuda.is_available(),
-        "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
-    }
+    return timed_main(args, argv + (["--eval_each_highway"] if each_highway else []))
 
 
 # ----------------------------------------------------------------------------------------------------------
 # report
-
-
-def format_table(headers: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
-    """Plain-text table: the first column left-aligned, the others right-aligned."""
-    cells = [[str(h) for h in headers]] + [[str(c) for c in row] for row in rows]
-    widths = [max(len(r[i]) for r in cells) for i in range(len(headers))]
-
-    def line(row: Sequence[str]) -> str:
-        return "  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(row, widths)))
-
-    return "\n".join([line(cells[0]), "  ".join("-" * w for w in widths)] + [line(r) for r in cells[1:]])
 
 
 def report(bench: dict[str, Any]) -> str:
@@ -371,8 +308,6 @@ def report(bench: dict[str, Any]) -> str:
         out += [f"tokens per row in those batches: real {pad['real_tokens_per_row']:.1f}, dynamic padding "
                 f"{pad['dynamic_padded_tokens_per_row']:.1f}, fixed {pad['fixed_padded_tokens_per_row']:g} "
                 f"(dynamic = {100 * pad['dynamic_over_fixed']:.0f}% of fixed)"]
-    wall = bench["wall_seconds"]
-    out += ["", "Wall time: " + ", ".join(f"{k} {v:.0f}s" for k, v in wall.items())]
     return "\n".join(out)
 
 
@@ -386,8 +321,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     os.makedirs(out, exist_ok=True)
     data_dir = os.path.join(out, "data")
     wall: dict[str, float] = {}
-    command = ["scripts/bench_glue_early_exit.py", *(sys.argv[1:] if argv is None else argv)]
-    bench: dict[str, Any] = {"config": dict(vars(args)), "command": command}
+    bench = new_record("bench_glue_early_exit.py", args, argv)
     bench["data"] = write_subset(args, data_dir)
     print(f"Wrote {bench['data']['train_rows']} train rows and the dev file(s) to {data_dir}", flush=True)
 
@@ -412,16 +346,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         for task_name, res in results["eval"].items():
             bench["eval"].setdefault(task_name, {})[str(bs)] = {**res, "run_seconds": seconds}
     wall["eval"] = time.perf_counter() - t0
-    wall["total"] = time.perf_counter() - start
-    bench["wall_seconds"] = wall
-
-    device = "cuda" if torch.cuda.is_available() else "cpu"
-    bench["environment"] = {**environment(device), "load_average_1_5_15min_before": load_before,
-                            "load_average_1_5_15min_after": load_average()}
-    write_json_atomic(os.path.join(out, "bench_results.json"), bench)
-    print("\n" + report(bench), flush=True)
-    print(f"\nResults: {os.path.join(out, 'bench_results.json')}", flush=True)
-    return bench
+    return write_record(out, bench, wall, start, report, load_before)
 
 
 if __name__ == "__main__":

@@ -30,43 +30,35 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import random
 import statistics
 import sys
 import time
 from typing import Any, Sequence
 
-_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-_SCRIPTS = os.path.join(_ROOT, "scripts")
-for _path in (_ROOT, _SCRIPTS):
-    if _path not in sys.path:
-        sys.path.insert(0, _path)
+import torch
+from transformers import AutoModelForQuestionAnswering, AutoTokenizer
 
-import torch  # noqa: E402
-import transformers  # noqa: E402
-from transformers import AutoModelForQuestionAnswering, AutoTokenizer  # noqa: E402
+from common.bench import bench_parser, format_table, new_record, run_script, write_record
+from common.data import squad
+from common.errors import UserError, run_cli
+from common.models import masked
+from common.io import write_text_atomic
 
-import bertarize  # noqa: E402
-import run_squad_pruning  # noqa: E402
-from common.data import squad  # noqa: E402
-from common.errors import UserError, run_cli  # noqa: E402
-from common.training import write_json_atomic  # noqa: E402
+SCRIPTS = os.path.dirname(os.path.abspath(__file__))
+SCRIPT = os.path.join(SCRIPTS, "run_squad_pruning.py")
+BERTARIZE = os.path.join(SCRIPTS, "bertarize.py")
 
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    parser.add_argument("--model_name_or_path", required=True,
-                        help="Folder of the pretrained BERT-family encoder (e.g. all-MiniLM-L6-v2).")
+    parser = bench_parser(__doc__, "Folder of the pretrained BERT-family encoder (e.g. all-MiniLM-L6-v2).")
     parser.add_argument("--squad_file", required=True, help="SQuAD v1.1 file to split (dev-v1.1.json).")
     parser.add_argument("--output_dir", default=os.path.join("runs", "bench-squad"),
                         help="Where the data split, the runs, the models and bench_results.json go.")
     parser.add_argument("--eval_articles", default=8, type=int, help="Articles held out for evaluation.")
-    parser.add_argument("--train_questions", default=1600, type=int,
-                        help="Training questions to keep (whole paragraphs, fixed seed); 0: all.")
-    parser.add_argument("--eval_questions", default=400, type=int,
-                        help="Evaluation questions to keep (whole paragraphs, fixed seed); 0: all.")
+    for split, default in (("train", 1600), ("eval", 400)):
+        parser.add_argument(f"--{split}_questions", default=default, type=int,
+                            help=f"Questions of the {split} part to keep (whole paragraphs, fixed seed); 0: all.")
     parser.add_argument("--max_seq_length", default=192, type=int, help="Window length (tokens).")
     parser.add_argument("--doc_stride", default=64, type=int, help="Step between windows (tokens).")
     parser.add_argument("--num_train_epochs", default=1.0, type=float, help="Epochs of each training run.")
@@ -143,10 +135,7 @@ def write_split(args: argparse.Namespace, dest: str) -> dict[str, Any]:
         doc = {"version": "1.1", "data": [{"title": raw["data"][a].get("title", str(a)), "paragraphs": ps}
                                           for a, ps in by_article.items()]}
         path = os.path.join(dest, f"{split}-v1.1.json")
-        tmp = f"{path}.tmp-{os.getpid()}"
-        with open(tmp, "w", encoding="utf-8") as f:
-            json.dump(doc, f)
-        os.replace(tmp, path)
+        write_text_atomic(path, json.dumps(doc))
         info[f"{split}_questions"] = sum(len(p["qas"]) for _, p in paragraphs)
         info[f"{split}_paragraphs"] = len(paragraphs)
     return info
@@ -178,10 +167,8 @@ def common_flags(args: argparse.Namespace, data_dir: str) -> list[str]:
 
 
 def timed_main(argv: list[str]) -> tuple[dict[str, Any], float]:
-    print("+ run_squad_pruning.py " + " ".join(argv), flush=True)
-    start = time.perf_counter()
-    results = run_squad_pruning.main(argv)
-    return results, time.perf_counter() - start
+    """run_squad_pruning.py in its own process: its results and seconds."""
+    return run_script(SCRIPT, argv)
 
 
 def train_run(args: argparse.Namespace, data_dir: str, out: str, pruned: bool, train_features: int) -> dict:
@@ -229,32 +216,8 @@ def latency(model: Any, batches: list[dict[str, torch.Tensor]], warmup: int = 5)
     return {"median_ms": statistics.median(times), "mean_ms": statistics.fmean(times), "passes": len(times)}
 
 
-def folder_weight_bytes(path: str) -> int:
-    return bertarize.weights_bytes(path)
-
-
-def environment() -> dict[str, Any]:
-    return {
-        "python": platform.python_version(), "platform": platform.platform(), "torch": torch.__version__,
-        "transformers": transformers.__version__, "cpu_count": os.cpu_count(),
-        "cpus_usable": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count(),
-        "torch_threads": torch.get_num_threads(), "load_average": list(os.getloadavg()),
-        "device": "cuda" if torch.cuda.is_available() else "cpu",
-    }
-
-
 # ----------------------------------------------------------------------------------------------------------
 # report
-
-
-def format_table(headers: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
-    cells = [[str(h) for h in headers]] + [[str(c) for c in row] for row in rows]
-    widths = [max(len(r[i]) for r in cells) for i in range(len(headers))]
-
-    def line(row: Sequence[str]) -> str:
-        return "  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(row, widths)))
-
-    return "\n".join([line(cells[0]), "  ".join("-" * w for w in widths)] + [line(r) for r in cells[1:]])
 
 
 def report(bench: dict[str, Any]) -> str:
@@ -267,7 +230,8 @@ def report(bench: dict[str, Any]) -> str:
            f"max_seq_length {cfg['max_seq_length']}, doc_stride {cfg['doc_stride']}, {cfg['num_train_epochs']:g} "
            f"epoch(s), lr {cfg['learning_rate']:g}, batch {cfg['train_batch_size']}",
            f"torch {env['torch']}, transformers {env['transformers']}, {env['cpus_usable']} CPU(s), "
-           f"{env['torch_threads']} torch thread(s), load average at the end {env['load_average'][0]:.1f}",
+           f"{env['torch_threads']} torch thread(s), load average at the end "
+           f"{env['load_average_1_5_15min_after'][0]:.1f}",
            "Timings are single measurements on a shared machine."]
     feat = bench.get("featurization")
     if feat:
@@ -300,7 +264,6 @@ def report(bench: dict[str, Any]) -> str:
                            f"{r['batched']['mean_ms']:.0f}",
                            f"{1000 * lat['batch_size'] / r['batched']['mean_ms']:.1f}"] for name, r in
                           lat["models"].items()])]
-    out += ["", "Wall time: " + ", ".join(f"{k} {v:.0f}s" for k, v in bench["wall_seconds"].items())]
     return "\n".join(out)
 
 
@@ -310,8 +273,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     out = args.output_dir
     os.makedirs(out, exist_ok=True)
     wall: dict[str, float] = {}
-    command = ["scripts/bench_squad_pruning.py", *(sys.argv[1:] if argv is None else argv)]
-    bench: dict[str, Any] = {"config": vars(args), "command": command}
+    bench = new_record("bench_squad_pruning.py", args, argv)
     tokenizer = AutoTokenizer.from_pretrained(args.model_name_or_path)
     if args.featurize_full_file:
         t0 = time.perf_counter()
@@ -336,16 +298,16 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         runs[name] = {"metrics": res["eval"]["metrics"], "train": res["train"]["train"],
                       "remaining": res["eval"].get("remaining_encoder_fraction", 1.0),
                       "eval_seconds": res["eval"]["seconds"], "output_dir": run["output_dir"],
-                      "weights_mb": folder_weight_bytes(run["output_dir"]) / 1e6}
+                      "weights_mb": masked.weights_bytes(run["output_dir"]) / 1e6}
 
     t0 = time.perf_counter()
     target, compact = os.path.join(out, "bertarized"), os.path.join(out, "compact")
-    tool = bertarize.main(["--model_name_or_path", runs["pruned"]["output_dir"], "--target_model_path", target,
-                           "--compact_path", compact, "--overwrite_output_dir"])
+    tool, _ = run_script(BERTARIZE, ["--model_name_or_path", runs["pruned"]["output_dir"], "--target_model_path",
+                                     target, "--compact_path", compact, "--overwrite_output_dir"])
     check, _ = timed_main(["--model_name_or_path", target, "--output_dir", os.path.join(out, "bertarized-eval"),
                            "--do_eval", "--model_type", "bert", *common_flags(args, data_dir)])
     runs["bertarized"] = {"metrics": check["eval"]["metrics"], "remaining": tool["remaining"]["fraction"],
-                          "weights_mb": folder_weight_bytes(target) / 1e6, "output_dir": target}
+                          "weights_mb": masked.weights_bytes(target) / 1e6, "output_dir": target}
     if check["eval"]["metrics"] != runs["pruned"]["metrics"]:
         print("WARNING: the bertarized model's metrics differ from the masked model's", flush=True)
     bench["runs"] = runs
@@ -370,13 +332,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         bench["latency"]["models"][name] = {"b1": latency(model, singles), "batched": latency(model, batched, 1)}
         print(f"Latency {name}: {bench['latency']['models'][name]}", flush=True)
     wall["latency"] = time.perf_counter() - t0
-    wall["total"] = time.perf_counter() - start
-    bench["wall_seconds"] = wall
-    bench["environment"] = environment()
-    write_json_atomic(os.path.join(out, "bench_results.json"), bench)
-    print("\n" + report(bench), flush=True)
-    print(f"\nResults: {os.path.join(out, 'bench_results.json')}", flush=True)
-    return bench
+    return write_record(out, bench, wall, start, report)
 
 
 if __name__ == "__main__":

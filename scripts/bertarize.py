@@ -27,13 +27,9 @@ import shutil
 import sys
 from typing import Any, Sequence
 
-_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-if _ROOT not in sys.path:
-    sys.path.insert(0, _ROOT)
-
-from common.errors import UserError, run_cli  # noqa: E402
-from common.models import masked  # noqa: E402
-from common.training import save_folder_atomic, write_json_atomic  # noqa: E402
+from common.errors import UserError, run_cli
+from common.models import masked
+from common.io import save_folder_atomic, write_json_atomic
 
 logger = logging.getLogger("bertarize")
 
@@ -64,10 +60,6 @@ def folder_bytes(path: str, names: Sequence[str] | None = None) -> int:
     """Bytes on disk of the files in a folder (or of the named ones)."""
     files = names if names is not None else [f for f in os.listdir(path) if os.path.isfile(os.path.join(path, f))]
     return sum(os.path.getsize(os.path.join(path, f)) for f in files if os.path.isfile(os.path.join(path, f)))
-
-
-def weights_bytes(path: str) -> int:
-    return sum(os.path.getsize(f) for f in masked.weight_files(path))
 
 
 def copy_tokenizer(source: str, dest: str) -> None:
@@ -141,7 +133,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         copy_tokenizer(source, folder)
 
     save_folder_atomic(save, target)
-    report["dense_bytes"] = weights_bytes(target)
+    report["dense_bytes"] = masked.weights_bytes(target)
     print(f"Saved a standard checkpoint to {target} ({report['dense_bytes'] / 1e6:.2f} MB of weights)")
 
     if args.compact_path and not report.get("expanded_from_compact"):

@@ -24,14 +24,9 @@ import sys
 import time
 from typing import Any, Sequence
 
-_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-if _ROOT not in sys.path:
-    sys.path.insert(0, _ROOT)
-
-from transformers import AutoTokenizer  # noqa: E402
-
-from common.data import lm  # noqa: E402
-from common.errors import UserError, run_cli  # noqa: E402
+from common.data import lm
+from common.errors import UserError, run_cli
+from common.loaders import load_tokenizer
 
 logger = logging.getLogger("binarize_data")
 
@@ -60,23 +55,12 @@ def output_path(dump_file: str, tokenizer_name: str) -> str:
     return f"{dump_file}.{tag or 'tokenizer'}.bin"
 
 
-def load_tokenizer(name: str, do_lower_case: bool = False) -> Any:
-    kwargs = {"do_lower_case": True} if do_lower_case else {}
-    try:
-        tokenizer = AutoTokenizer.from_pretrained(name, **kwargs)
-    except (OSError, ValueError) as err:
-        raise UserError(f"cannot load a tokenizer from {name}: {str(err).splitlines()[0]}") from None
-    if not getattr(tokenizer, "is_fast", False):
-        raise UserError(f"the tokenizer {name} has no fast (Rust) version; binarizing needs one")
-    return tokenizer
-
-
 def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     args = parse_args(argv)
     logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO)
     if not os.path.isfile(args.file_path):
         raise UserError(f"--file_path {args.file_path}: no such file")
-    tokenizer = load_tokenizer(args.tokenizer_name, args.do_lower_case)
+    tokenizer = load_tokenizer(args.tokenizer_name, do_lower_case=args.do_lower_case, needs="binarizing needs one")
     out = output_path(args.dump_file, args.tokenizer_name)
     logger.info("Binarizing %s with %s into %s", args.file_path, args.tokenizer_name, out)
     start = time.perf_counter()

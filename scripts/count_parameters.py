@@ -20,15 +20,11 @@ import os
 import sys
 from typing import Any, Sequence
 
-_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-if _ROOT not in sys.path:
-    sys.path.insert(0, _ROOT)
+import torch
 
-import torch  # noqa: E402
-
-from common.errors import UserError, run_cli  # noqa: E402
-from common.models import masked  # noqa: E402
-from common.training import write_json_atomic  # noqa: E402
+from common.errors import UserError, run_cli
+from common.models import masked
+from common.io import write_json_atomic
 
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:

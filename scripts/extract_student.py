@@ -22,185 +22,27 @@ the teacher does. The folder also holds the teacher's tokenizer and extraction.j
 from __future__ import annotations
 
 import argparse
-import copy
 import logging
-import os
-import re
 import sys
 from typing import Any, Sequence
 
-_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-if _ROOT not in sys.path:
-    sys.path.insert(0, _ROOT)
+from transformers import AutoTokenizer
 
-import torch  # noqa: E402
-from torch import nn  # noqa: E402
-from transformers import (  # noqa: E402
-    AutoConfig, AutoTokenizer, BertForMaskedLM, DistilBertConfig, DistilBertForMaskedLM, GPT2LMHeadModel,
-    RobertaForMaskedLM,
+from common.errors import run_cli
+from common.models.student import (
+    STUDENT_TYPES, STUDENTS_OF, TEACHER_TYPES, choose_layers, extract, load_teacher, num_layers, save_student,
 )
 
-from common.errors import UserError, run_cli  # noqa: E402
-from common.pretrained import check_model_folder  # noqa: E402
-from common.training import save_folder_atomic, write_json_atomic  # noqa: E402
-
 logger = logging.getLogger("extract_student")
-
-TEACHER_CLASSES = {"bert": BertForMaskedLM, "roberta": RobertaForMaskedLM, "gpt2": GPT2LMHeadModel}
-# Students each teacher family can seed: DistilBERT shares BERT's vocabulary and layer maths.
-STUDENT_TYPES = {"bert": ("distilbert", "bert"), "roberta": ("roberta",), "gpt2": ("gpt2",)}
-LAYER_KEY = {"bert": r"^bert\.encoder\.layer\.(\d+)\.", "roberta": r"^roberta\.encoder\.layer\.(\d+)\.",
-             "gpt2": r"^transformer\.h\.(\d+)\."}
-# The LM head's transform before the output projection: copied only with --vocab_transform (the original's).
-HEAD_TRANSFORM = {"bert": ("cls.predictions.transform.",), "roberta": ("lm_head.dense.", "lm_head.layer_norm."),
-                  "gpt2": ()}
-HEAD_PREFIX = {"bert": "cls.", "roberta": "lm_head.", "gpt2": "lm_head."}
-# BERT layer -> DistilBERT layer parameter names.
-DISTILBERT_LAYER = {
-    "attention.self.query": "attention.q_lin", "attention.self.key": "attention.k_lin",
-    "attention.self.value": "attention.v_lin", "attention.output.dense": "attention.out_lin",
-    "attention.output.LayerNorm": "sa_layer_norm", "intermediate.dense": "ffn.lin1", "output.dense": "ffn.lin2",
-    "output.LayerNorm": "output_layer_norm",
-}
-
-
-def num_layers(config: Any) -> int:
-    return int(config.n_layer if config.model_type == "gpt2" else config.num_hidden_layers)
-
-
-def default_layers(teacher_layers: int, student_layers: int) -> list[int]:
-    """Evenly spread teacher layers, first and last included: for 12 -> 6 the original's 0 2 4 7 9 11."""
-    if student_layers == 1:
-        return [teacher_layers - 1]
-    return [round(i * (teacher_layers - 1) / (student_layers - 1)) for i in range(student_layers)]
-
-
-def load_teacher(path: str, model_type: str | None = None, cache_dir: str | None = None) -> nn.Module:
-    """The teacher with its LM head, checked: a folder saved without the head (a bare encoder such as a
-    sentence-embedding model) is refused, since a random head would teach noise."""
-    check_model_folder(path)
-    try:
-        config = AutoConfig.from_pretrained(path, cache_dir=cache_dir)
-    except (OSError, ValueError) as err:
-        raise UserError(f"cannot load a model config from {path}: {str(err).splitlines()[0]}") from None
-    if model_type is not None and config.model_type != model_type:
-        raise UserError(f"--model_type {model_type} does not match {path}, which holds a {config.model_type} model")
-    if config.model_type not in TEACHER_CLASSES:
-        raise UserError(f"{path} holds a {config.model_type} model; teachers can be "
-                        f"{', '.join(TEACHER_CLASSES)}")
-    model_class = TEACHER_CLASSES[config.model_type]
-    model, info = model_class.from_pretrained(path, cache_dir=cache_dir, output_loading_info=True)
-    head = HEAD_PREFIX[config.model_type]
-    missing = sorted(k for k in info["missing_keys"] if k.startswith(head) and not k.endswith("decoder.bias"))
-    if missing:
-        raise UserError(f"{path} has no language-modelling head ({', '.join(missing[:3])} missing): it was saved as "
-                        "a bare encoder; give a checkpoint with its LM head (e.g. one trained with "
-                        f"{TEACHER_CLASSES[config.model_type].__name__})")
-    return model
-
-
-def student_config(teacher_config: Any, student_type: str, n_layers: int) -> Any:
-    """The teacher's architecture with fewer layers (a DistilBERT config when asked for one)."""
-    t = teacher_config
-    if student_type == "distilbert":
-        return DistilBertConfig(
-            vocab_size=t.vocab_size, max_position_embeddings=t.max_position_embeddings, sinusoidal_pos_embds=False,
-            n_layers=n_layers, n_heads=t.num_attention_heads, dim=t.hidden_size, hidden_dim=t.intermediate_size,
-            dropout=t.hidden_dropout_prob, attention_dropout=t.attention_probs_dropout_prob,
-            activation=t.hidden_act, initializer_range=t.initializer_range, pad_token_id=t.pad_token_id,
-            tie_word_embeddings=True,
-        )
-    config = copy.deepcopy(t)
-    setattr(config, "n_layer" if student_type == "gpt2" else "num_hidden_layers", n_layers)
-    config.architectures = None
-    return config
-
-
-def _map_same_family(teacher_type: str, state: dict[str, torch.Tensor], layers: Sequence[int],
-                     vocab_transform: bool) -> dict[str, torch.Tensor]:
-    pattern = re.compile(LAYER_KEY[teacher_type])
-    where = {t: s for s, t in enumerate(layers)}
-    out = {}
-    for key, value in state.items():
-        match = pattern.match(key)
-        if match:
-            teacher_index = int(match.group(1))
-            if teacher_index in where:
-                out[key[:match.start(1)] + str(where[teacher_index]) + key[match.end(1):]] = value
-            continue
-        if not vocab_transform and key.startswith(HEAD_TRANSFORM[teacher_type]):
-            continue
-        out[key] = value
-    return out
-
-
-def _map_bert_to_distilbert(state: dict[str, torch.Tensor], layers: Sequence[int],
-                            vocab_transform: bool) -> dict[str, torch.Tensor]:
-    out = {
-        "distilbert.embeddings.word_embeddings.weight": state["bert.embeddings.word_embeddings.weight"],
-        # DistilBERT has no token types; BERT adds the type-0 row to every single-segment input: fold it in.
-        "distilbert.embeddings.position_embeddings.weight": state["bert.embeddings.position_embeddings.weight"]
-        + state["bert.embeddings.token_type_embeddings.weight"][0],
-        "vocab_projector.weight": state["cls.predictions.decoder.weight"],
-        "vocab_projector.bias": state["cls.predictions.bias"],
-    }
-    for w in ("weight", "bias"):
-        out[f"distilbert.embeddings.LayerNorm.{w}"] = state[f"bert.embeddings.LayerNorm.{w}"]
-        for s, t in enumerate(layers):
-            for bert_name, distil_name in DISTILBERT_LAYER.items():
-                out[f"distilbert.transformer.layer.{s}.{distil_name}.{w}"] = \
-                    state[f"bert.encoder.layer.{t}.{bert_name}.{w}"]
-        if vocab_transform:
-            out[f"vocab_transform.{w}"] = state[f"cls.predictions.transform.dense.{w}"]
-            out[f"vocab_layer_norm.{w}"] = state[f"cls.predictions.transform.LayerNorm.{w}"]
-    return out
-
-
-def extract(teacher: nn.Module, student_type: str, layers: Sequence[int],
-            vocab_transform: bool = False) -> tuple[nn.Module, dict[str, Any]]:
-    """A student built from `teacher`'s embeddings, its layers `layers` (student layer i = teacher layer
-    layers[i]) and its LM head; returns (student, report of what was copied)."""
-    teacher_type = teacher.config.model_type
-    if student_type not in STUDENT_TYPES.get(teacher_type, ()):
-        raise UserError(f"a {teacher_type} teacher cannot seed a {student_type} student; choose "
-                        f"{' or '.join(STUDENT_TYPES.get(teacher_type, ('?',)))}")
-    total = num_layers(teacher.config)
-    bad = [i for i in layers if not 0 <= i < total]
-    if bad or not layers:
-        raise UserError(f"--layers {' '.join(map(str, layers))}: the teacher has layers 0..{total - 1}")
-    if len(set(layers)) != len(layers):
-        raise UserError(f"--layers {' '.join(map(str, layers))}: a teacher layer is listed twice")
-    config = student_config(teacher.config, student_type, len(layers))
-    student_class = {"distilbert": DistilBertForMaskedLM, "bert": BertForMaskedLM, "roberta": RobertaForMaskedLM,
-                     "gpt2": GPT2LMHeadModel}[student_type]
-    student = student_class(config)
-    state = teacher.state_dict()
-    if student_type == "distilbert":
-        mapped = _map_bert_to_distilbert(state, layers, vocab_transform)
-    else:
-        mapped = _map_same_family(teacher_type, state, layers, vocab_transform)
-    result = student.load_state_dict(mapped, strict=False)
-    if result.unexpected_keys:
-        raise RuntimeError(f"extraction produced names the student lacks: {result.unexpected_keys[:5]}")
-    fresh = sorted(result.missing_keys)
-    report = {"teacher_type": teacher_type, "student_type": student_type, "teacher_layers": total,
-              "layers": list(layers), "tensors_copied": len(mapped), "fresh_tensors": fresh,
-              "vocab_transform": vocab_transform,
-              "teacher_parameters": sum(p.numel() for p in teacher.parameters()),
-              "student_parameters": sum(p.numel() for p in student.parameters())}
-    return student, report
-
-
-# ----------------------------------------------------------------------------------------------------------
 
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                      formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    parser.add_argument("--model_type", default=None, choices=sorted(TEACHER_CLASSES),
+    parser.add_argument("--model_type", default=None, choices=sorted(TEACHER_TYPES),
                         help="Teacher family (checked against its config; inferred when left out).")
     parser.add_argument("--model_name", required=True, help="Teacher folder (or hub name), with its LM head.")
-    parser.add_argument("--student_type", default=None, choices=("distilbert", "bert", "roberta", "gpt2"),
+    parser.add_argument("--student_type", default=None, choices=STUDENT_TYPES,
                         help="Student architecture: distilbert or bert for a BERT teacher (default distilbert); "
                              "the teacher's own for RoBERTa and GPT-2.")
     parser.add_argument("--layers", nargs="+", type=int, default=None,
@@ -221,14 +63,8 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO)
     teacher = load_teacher(args.model_name, args.model_type, args.cache_dir)
     teacher_type = teacher.config.model_type
-    student_type = args.student_type or STUDENT_TYPES[teacher_type][0]
-    total = num_layers(teacher.config)
-    if args.layers is not None and args.num_layers is not None and args.num_layers != len(args.layers):
-        raise UserError(f"--num_layers {args.num_layers} disagrees with the {len(args.layers)} --layers given")
-    n = args.num_layers if args.num_layers is not None else max(1, total // 2)
-    if args.layers is None and not 1 <= n <= total:
-        raise UserError(f"--num_layers {n}: the teacher has {total} layers")
-    layers = args.layers if args.layers is not None else default_layers(total, n)
+    student_type = args.student_type or STUDENTS_OF[teacher_type][0]
+    layers = choose_layers(num_layers(teacher.config), args.layers, args.num_layers)
     student, report = extract(teacher, student_type, layers, args.vocab_transform)
     report["teacher"] = args.model_name
     tokenizer = None
@@ -236,14 +72,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         tokenizer = AutoTokenizer.from_pretrained(args.model_name, cache_dir=args.cache_dir)
     except (OSError, ValueError):
         logger.warning("%s has no tokenizer; the student folder will hold none", args.model_name)
-
-    def save(folder: str) -> None:
-        student.save_pretrained(folder)
-        if tokenizer is not None:
-            tokenizer.save_pretrained(folder)
-        write_json_atomic(os.path.join(folder, "extraction.json"), report)
-
-    save_folder_atomic(save, args.dump_checkpoint)
+    save_student(args.dump_checkpoint, student, tokenizer, report)
     logger.info("Student %s with teacher layers %s (%d tensors copied, %d fresh; %.1fM of the teacher's %.1fM "
                 "parameters) written to %s", student_type, layers, report["tensors_copied"],
                 len(report["fresh_tensors"]), report["student_parameters"] / 1e6,

@@ -18,12 +18,8 @@ import os
 import sys
 from typing import Any, Sequence
 
-_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-if _ROOT not in sys.path:
-    sys.path.insert(0, _ROOT)
-
-from common.data import lm  # noqa: E402
-from common.errors import UserError, run_cli  # noqa: E402
+from common.data import lm
+from common.errors import UserError, run_cli
 
 logger = logging.getLogger("token_counts")
 

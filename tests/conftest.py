@@ -11,10 +11,13 @@ from pathlib import Path
 import pytest
 import torch
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "scripts"))
+from common import builtin
+from common.builtin import distill as builtin_distill
+from common.builtin import glue as builtin_glue
+from common.builtin import squad as builtin_squad
 
-from common import builtin  # noqa: E402
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "scripts"))  # the tests import the scripts themselves
 
 TINY = dict(hidden_size=32, num_hidden_layers=3, num_attention_heads=2, intermediate_size=64,
             max_position_embeddings=64)
@@ -32,7 +35,7 @@ def _no_process_group():
 def tiny_bert_dir(tmp_path_factory) -> str:
     """A randomly initialised 3-layer BERT (hidden 32) with a word-level vocabulary, as a pretrained folder."""
     folder = tmp_path_factory.mktemp("tiny-bert")
-    return builtin.write_builtin_bert(str(folder), seed=0, **TINY)
+    return builtin_glue.write_builtin_bert(str(folder), seed=0, **TINY)
 
 
 @pytest.fixture(scope="session")
@@ -43,7 +46,7 @@ def tiny_roberta_dir(tmp_path_factory) -> str:
 
     folder = tmp_path_factory.mktemp("tiny-roberta")
     rng = random.Random(0)
-    sentences = [builtin._sentence(rng)[0] for _ in range(300)]
+    sentences = [builtin_glue._sentence(rng)[0] for _ in range(300)]
     bpe = ByteLevelBPETokenizer()
     bpe.train_from_iterator(sentences, vocab_size=300, min_frequency=1,
                             special_tokens=["<s>", "<pad>", "</s>", "<unk>", "<mask>"])
@@ -62,7 +65,7 @@ def tiny_roberta_dir(tmp_path_factory) -> str:
 @pytest.fixture(scope="session")
 def sst2_dir(tmp_path_factory) -> str:
     """Generated SST-2-format train (160 rows) and dev (48 rows) files."""
-    return builtin.write_builtin_sst2(str(tmp_path_factory.mktemp("glue")), n_train=160, n_dev=48, seed=1)
+    return builtin_glue.write_builtin_sst2(str(tmp_path_factory.mktemp("glue")), n_train=160, n_dev=48, seed=1)
 
 
 def write_tsv(path: Path, header: list[str] | None, rows: list[list[str]]) -> None:
@@ -80,8 +83,8 @@ def stsb_dir(tmp_path_factory) -> str:
     for name, n in (("train.tsv", 80), ("dev.tsv", 24)):
         rows = []
         for i in range(n):
-            a = builtin._sentence(rng)[0].split()
-            b = a[: rng.randint(0, len(a))] + builtin._sentence(rng)[0].split()[:3]
+            a = builtin_glue._sentence(rng)[0].split()
+            b = a[: rng.randint(0, len(a))] + builtin_glue._sentence(rng)[0].split()[:3]
             score = 5.0 * len(set(a) & set(b)) / max(len(set(a) | set(b)), 1)
             rows.append([str(i), "main", "f", "2012", str(i), "none", "none", " ".join(a), " ".join(b),
                          f"{score:.3f}"])
@@ -103,7 +106,7 @@ def mnli_dir(tmp_path_factory) -> str:
         rows = []
         for i in range(n):
             label = labels[i % 3]
-            s1, s2 = builtin._sentence(rng)[0], builtin._sentence(rng)[0]
+            s1, s2 = builtin_glue._sentence(rng)[0], builtin_glue._sentence(rng)[0]
             rows.append([str(i), str(i), f"{i}e", "fiction", "()", "()", "()", "()", s1, s2]
                         + [label] * len(extra) + [label])
         write_tsv(folder / name, header, rows)
@@ -126,15 +129,14 @@ def model_state(folder: str) -> dict[str, torch.Tensor]:
 @pytest.fixture(scope="session")
 def lm_corpus_dir(tmp_path_factory) -> Path:
     """train.txt (240 lines) and eval.txt (40 lines) of the built-in corpus, plus a few lines too short to keep."""
-    from common.data import lm
-
     folder = tmp_path_factory.mktemp("lm-corpus")
     rng = random.Random(5)
-    lines = [lm.builtin_line(rng) for _ in range(240)]
+    lines = [builtin_distill.builtin_line(rng) for _ in range(240)]
     lines[3] = "the dog runs ."  # 6 tokens with [CLS]/[SEP]: dropped as too short
     lines[7] = ""  # blank: skipped by the binarizer
     (folder / "train.txt").write_text("\n".join(lines) + "\n", encoding="utf-8")
-    (folder / "eval.txt").write_text("\n".join(lm.builtin_line(rng) for _ in range(40)) + "\n", encoding="utf-8")
+    eval_lines = [builtin_distill.builtin_line(rng) for _ in range(40)]
+    (folder / "eval.txt").write_text("\n".join(eval_lines) + "\n", encoding="utf-8")
     return folder
 
 
@@ -143,10 +145,8 @@ def tiny_mlm_teacher_dir(tmp_path_factory) -> str:
     """A random 4-layer BertForMaskedLM (hidden 32) with a word-level tokenizer over the built-in corpus words."""
     from transformers import BertForMaskedLM
 
-    from common.data import lm
-
     folder = str(tmp_path_factory.mktemp("tiny-mlm-teacher"))
-    tokenizer = builtin.write_word_tokenizer(folder, lm.builtin_words(), model_max_length=48)
+    tokenizer = builtin.write_word_tokenizer(folder, builtin_distill.builtin_words(), model_max_length=48)
     torch.manual_seed(0)
     overrides = {**TINY, "num_hidden_layers": 4, "max_position_embeddings": 48}
     config = builtin.tiny_bert_config(len(tokenizer), **overrides)
@@ -160,12 +160,10 @@ def tiny_gpt2_dir(tmp_path_factory) -> str:
     from tokenizers import ByteLevelBPETokenizer
     from transformers import GPT2Config, GPT2LMHeadModel, GPT2TokenizerFast
 
-    from common.data import lm
-
     folder = tmp_path_factory.mktemp("tiny-gpt2")
     rng = random.Random(6)
     bpe = ByteLevelBPETokenizer()
-    bpe.train_from_iterator([lm.builtin_line(rng) for _ in range(300)], vocab_size=300, min_frequency=1,
+    bpe.train_from_iterator([builtin_distill.builtin_line(rng) for _ in range(300)], vocab_size=300, min_frequency=1,
                             special_tokens=["<|endoftext|>"])
     bpe.save_model(str(folder))
     vocab = json.loads((folder / "vocab.json").read_text())
@@ -192,24 +190,28 @@ SQUAD_TINY = dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, in
 def squad_bert_dir(tmp_path_factory) -> str:
     """A randomly initialised 2-layer BERT (hidden 32) whose word-level vocabulary covers the generated SQuAD
     questions, as a pretrained folder (a bare encoder: no question-answering head)."""
-    from common.data import squad
-
-    return squad.write_builtin_squad_model(str(tmp_path_factory.mktemp("squad-bert") / "model"), seed=0,
-                                           **SQUAD_TINY)
+    return builtin_squad.write_builtin_squad_model(str(tmp_path_factory.mktemp("squad-bert") / "model"), seed=0,
+                                                   **SQUAD_TINY)
 
 
 @pytest.fixture(scope="session")
 def squad_v1_dir(tmp_path_factory) -> str:
     """Generated SQuAD v1.1 train-v1.1.json (40 paragraphs) and dev-v1.1.json (12 paragraphs)."""
-    from common.data import squad
-
-    return squad.write_builtin_squad(str(tmp_path_factory.mktemp("squad-v1")), n_train=40, n_dev=12, seed=1)
+    return builtin_squad.write_builtin_squad(str(tmp_path_factory.mktemp("squad-v1")), n_train=40, n_dev=12, seed=1)
 
 
 @pytest.fixture(scope="session")
 def squad_v2_dir(tmp_path_factory) -> str:
     """Generated SQuAD v2.0 train-v2.0.json and dev-v2.0.json, with unanswerable questions."""
-    from common.data import squad
+    return builtin_squad.write_builtin_squad(str(tmp_path_factory.mktemp("squad-v2")), n_train=40, n_dev=12,
+                                             seed=2, version_2=True)
 
-    return squad.write_builtin_squad(str(tmp_path_factory.mktemp("squad-v2")), n_train=40, n_dev=12, seed=2,
-                                     version_2=True)
+
+@pytest.fixture
+def one_thread():
+    """Tiny models run fastest on one thread, and a busy machine's cores are not spun on by idle workers;
+    the setting is restored for the tests of other files."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)

@@ -11,13 +11,14 @@ import numpy as np
 import pytest
 
 from common import builtin
+from common.builtin.squad import builtin_squad_words
 from common.data import squad
 from common.errors import UserError
 
 
 @pytest.fixture(scope="module")
 def word_tokenizer(tmp_path_factory):
-    return builtin.write_word_tokenizer(str(tmp_path_factory.mktemp("squad-tok")), squad.builtin_squad_words())
+    return builtin.write_word_tokenizer(str(tmp_path_factory.mktemp("squad-tok")), builtin_squad_words())
 
 
 def write_json(path: Path, obj) -> str:

@@ -19,6 +19,7 @@ from safetensors.torch import load_file
 import bertarize
 import count_parameters
 import run_squad_pruning as script
+from common.builtin import squad as builtin_squad
 from common.data import squad
 from common.errors import UserError, run_cli
 from conftest import ROOT
@@ -251,8 +252,8 @@ def test_torchrun_two_processes_match_one(squad_bert_dir, squad_v1_dir, tmp_path
 def test_builtin_default_runs_without_model_or_data(tmp_path, monkeypatch):
     """No --model_name_or_path/--data_dir: the built-in model and generated data (shortened here)."""
     monkeypatch.setitem(script.BUILTIN_DEFAULTS, "num_train_epochs", 0.05)
-    monkeypatch.setattr(squad, "write_builtin_squad", functools.partial(squad.write_builtin_squad, n_train=60,
-                                                                        n_dev=10))
+    monkeypatch.setattr(builtin_squad, "write_builtin_squad",
+                        functools.partial(builtin_squad.write_builtin_squad, n_train=60, n_dev=10))
     results = script.main(["--do_train", "--do_eval", "--output_dir", str(tmp_path / "demo")])
     base = tmp_path / "demo" / "builtin"
     assert (base / "data" / "train-v1.1.json").is_file() and (base / "model" / "config.json").is_file()

@@ -166,6 +166,11 @@ def primary_metric(task_name: str | GlueTask) -> str:
     return get_task(task_name).primary_metric
 
 
+def eval_tasks(task: str) -> list[str]:
+    """The dev sets a task is evaluated on: MNLI's matched and mismatched ones, every other task's own."""
+    return ["mnli", "mnli-mm"] if task == "mnli" else [task]
+
+
 # ----------------------------------------------------------------------------------------------- reading
 
 

@@ -30,7 +30,6 @@ import json
 import logging
 import math
 import os
-import random
 import re
 import string
 from dataclasses import dataclass
@@ -39,8 +38,8 @@ from typing import Any, Iterable, Mapping, Sequence
 import numpy as np
 import torch
 
-from common import builtin
 from common.errors import UserError, file_error
+from common.io import write_json_atomic
 
 logger = logging.getLogger(__name__)
 
@@ -459,14 +458,9 @@ def write_predictions(output_dir: str, prefix: str, predictions: Predictions, ve
     if version_2:
         files.append((f"null_odds_{prefix}.json", predictions.null_odds))
     paths = []
-    os.makedirs(output_dir, exist_ok=True)
     for name, obj in files:
         path = os.path.join(output_dir, name)
-        tmp = f"{path}.tmp-{os.getpid()}"
-        with open(tmp, "w", encoding="utf-8") as f:
-            json.dump(obj, f, indent=4, ensure_ascii=False)
-            f.write("\n")
-        os.replace(tmp, path)
+        write_json_atomic(path, obj, indent=4, sort_keys=False, ensure_ascii=False)
         paths.append(path)
     return paths
 
@@ -592,116 +586,3 @@ def squad_evaluate(examples: Sequence[SquadExample], predictions: Predictions,
     if version_2_with_negative:
         return evaluate_v2(examples, predictions.answers, predictions.null_odds, predictions.best_non_null)
     return evaluate_v1(examples, predictions.answers)
-
-
-# ----------------------------------------------------------------------------------------------------------
-# built-in data
-
-NAMES = ("alice bob carol dave erin frank grace heidi ivan judy mallory oscar peggy rupert sybil trent victor "
-         "walter yvonne zoe").split()
-CITIES = ("paris london berlin rome madrid vienna prague oslo dublin lisbon new york san diego los angeles "
-          "buenos aires").split()
-CITY_NAMES = ("paris", "london", "berlin", "rome", "madrid", "vienna", "prague", "oslo", "dublin", "lisbon",
-              "new york", "san diego", "los angeles", "buenos aires")
-JOBS = ("baker", "doctor", "pilot", "teacher", "farmer", "lawyer", "nurse", "painter", "chef", "sailor",
-        "software engineer", "bus driver", "police officer", "fire fighter")
-COLORS = ("red", "blue", "green", "black", "white", "yellow")
-THINGS = ("car", "bike", "boat", "house", "dog", "cat", "piano", "guitar")
-YEARS = tuple(str(y) for y in range(1950, 2011))
-FILLER = ("it was a quiet day .", "the weather was mild .", "many people came to visit .",
-          "nobody knew why .", "the town had a small market .", "there was music in the square .")
-
-# relation: (sentence template, question template, answer choices)
-RELATIONS = {
-    "city": ("{name} lives in {obj} .", "where does {name} live ?", CITY_NAMES),
-    "job": ("{name} works as a {obj} .", "what does {name} work as ?", JOBS),
-    "year": ("{name} was born in {obj} .", "when was {name} born ?", YEARS),
-    "thing": ("{name} owns a {obj} .", "what does {name} own ?", tuple(f"{c} {t}" for c in COLORS for t in THINGS)),
-}
-
-
-def builtin_squad_words() -> list[str]:
-    """The vocabulary of the generated SQuAD set (a word-level tokenizer covers it exactly)."""
-    words = set(NAMES) | set(CITIES) | set(COLORS) | set(THINGS) | set(YEARS) | {".", "?"}
-    for job in JOBS:
-        words.update(job.split())
-    for sentence, question, _ in RELATIONS.values():
-        words.update(w for w in (sentence + " " + question).split() if not w.startswith("{"))
-    for filler in FILLER:
-        words.update(filler.split())
-    return sorted(words)
-
-
-def _builtin_paragraph(rng: random.Random, p: int, n_questions: int, version_2: bool) -> dict[str, Any]:
-    """A context of sentences about different people (one relation each, some filler) and questions that name
-    one of them; v2.0 adds questions about people who are not in the context."""
-    people = rng.sample(NAMES, rng.randint(3, 6))
-    facts = [(name, rng.choice(list(RELATIONS))) for name in people]
-    sentences: list[tuple[str, str | None, str | None]] = []  # (text, name, answer)
-    for name, relation in facts:
-        template, _, choices = RELATIONS[relation]
-        obj = rng.choice(choices)
-        sentences.append((template.format(name=name, obj=obj), name, obj))
-    for _ in range(rng.randint(0, 2)):
-        sentences.insert(rng.randint(0, len(sentences)), (rng.choice(FILLER), None, None))
-    context, starts = "", {}
-    for text, name, obj in sentences:
-        if context:
-            context += " "
-        if name is not None:
-            starts[name] = len(context) + text.index(obj, len(name))
-        context += text
-    answers_by_name = {name: obj for _, name, obj in sentences if name is not None}
-    qas = []
-    for q, (name, relation) in enumerate(rng.sample(facts, min(n_questions, len(facts)))):
-        obj = answers_by_name[name]
-        qas.append({"id": f"q{p:05d}-{q}", "question": RELATIONS[relation][1].format(name=name),
-                    "answers": [{"text": obj, "answer_start": starts[name]}],
-                    **({"is_impossible": False} if version_2 else {})})
-    if version_2:
-        absent = [n for n in NAMES if n not in people]
-        for q in range(rng.randint(0, 1)):
-            name = rng.choice(absent)
-            qas.append({"id": f"q{p:05d}-n{q}",
-                        "question": RELATIONS[rng.choice(list(RELATIONS))][1].format(name=name),
-                        "answers": [], "is_impossible": True})
-    return {"context": context, "qas": qas}
-
-
-def write_builtin_squad(data_dir: str, n_train: int = 3000, n_dev: int = 400, seed: int = 0,
-                        version_2: bool = False) -> str:
-    """Generated SQuAD-format train and dev files (train-v1.1.json / dev-v1.1.json, or the v2.0 names with
-    unanswerable questions) in data_dir, which is returned. Contexts are short biographies; each question
-    names a person and asks for their city, job, birth year or possession, a span of one to three words.
-    `n_train`/`n_dev` count paragraphs (each with up to three questions)."""
-    os.makedirs(data_dir, exist_ok=True)
-    version = "v2.0" if version_2 else "1.1"
-    rng = random.Random(seed)
-    for split, count in (("train", n_train), ("dev", n_dev)):
-        path = os.path.join(data_dir, f"{split}-{'v2.0' if version_2 else 'v1.1'}.json")
-        if os.path.isfile(path):
-            continue
-        paragraphs = [_builtin_paragraph(rng, p, rng.randint(1, 3), version_2) for p in range(count)]
-        articles = [{"title": f"generated_{split}_{i // 20}", "paragraphs": paragraphs[i:i + 20]}
-                    for i in range(0, len(paragraphs), 20)]
-        tmp = f"{path}.tmp-{os.getpid()}"
-        with open(tmp, "w", encoding="utf-8") as f:
-            json.dump({"version": version, "data": articles}, f)
-        os.replace(tmp, path)
-    return data_dir
-
-
-def write_builtin_squad_model(folder: str, seed: int = 0, **config_overrides: Any) -> str:
-    """A randomly initialised small BERT (4 layers, hidden 64) whose word-level tokenizer covers the generated
-    SQuAD set, saved as a pretrained folder (written whole under a temporary name, then renamed)."""
-    from transformers import BertModel
-
-    if os.path.isfile(os.path.join(folder, "config.json")):
-        return folder
-    tmp = f"{folder.rstrip(os.sep)}.tmp-{os.getpid()}"
-    tokenizer = builtin.write_word_tokenizer(tmp, builtin_squad_words())
-    torch.manual_seed(seed)
-    config = builtin.tiny_bert_config(len(tokenizer), **{"num_hidden_layers": 4, **config_overrides})
-    BertModel(config).save_pretrained(tmp)
-    os.replace(tmp, folder)
-    return folder

@@ -27,9 +27,12 @@ from torch import nn
 from transformers import AutoModelForSequenceClassification, PreTrainedModel
 
 from common.errors import UserError
+from common.pretrained import find_encoder_layers
 
 OFF_RAMPS_WEIGHTS = "off_ramps.safetensors"
 OFF_RAMPS_CONFIG = "off_ramps.json"
+# Checkpoint folder prefixes of DeeBERT's two training stages (backbone + head, then the off-ramps).
+STAGE1, STAGE2 = "checkpoint-stage1", "checkpoint-stage2"
 
 
 def entropy(logits: torch.Tensor) -> torch.Tensor:
@@ -116,18 +119,8 @@ class _AllExited(Exception):
 
 
 def encoder_layers(model: PreTrainedModel) -> nn.ModuleList:
-    """The stock model's list of transformer layers (BERT/RoBERTa/ELECTRA `encoder.layer`, DistilBERT
-    `transformer.layer`, ...): the longest ModuleList with one entry per hidden layer."""
-    expected = getattr(model.config, "num_hidden_layers", None)
-    candidates = [
-        m for m in model.base_model.modules() if isinstance(m, nn.ModuleList) and len(m) == expected
-    ]
-    if not candidates:
-        raise UserError(
-            f"cannot find the {expected} encoder layers of {type(model).__name__}; early exit supports "
-            "encoders whose layers form one nn.ModuleList (bert, roberta, ...)"
-        )
-    return candidates[0]
+    """The stock model's list of transformer layers (common.pretrained.find_encoder_layers)."""
+    return find_encoder_layers(model)[1]
 
 
 def _pooler_dense(model: PreTrainedModel) -> nn.Linear | None:

@@ -33,10 +33,12 @@ from typing import Any, Iterable, Mapping
 import torch
 import torch.nn.functional as F
 from safetensors import SafetensorError, safe_open
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 from torch import autograd, nn
 
 from common.errors import UserError
+from common.io import save_tensors_atomic
+from common.pretrained import WEIGHT_FILES, find_encoder_layers
 
 PRUNING_METHODS = ("topK", "threshold", "sigmoied_threshold", "magnitude", "l0")
 SCORE_METHODS = ("topK", "threshold", "sigmoied_threshold", "l0")
@@ -48,8 +50,6 @@ PRUNING_KEY = "pruning"
 MIN_KEPT_FRACTION = 0.005  # threshold masks keep at least 0.5% of a matrix (the original's floor)
 L0_LEFT, L0_RIGHT, L0_BETA = -0.1, 1.1, 2.0 / 3.0  # hard-concrete stretch interval and temperature
 
-WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin",
-                "pytorch_model.bin.index.json")
 COMPACT_FILE = "model.sparse.safetensors"
 
 
@@ -227,15 +227,8 @@ class MaskedLinear(nn.Linear):
 
 
 def encoder_layers_prefix(model: nn.Module) -> str:
-    """Name of the model's list of transformer layers (BERT/RoBERTa `...encoder.layer`, DistilBERT
-    `...transformer.layer`, ...): the nn.ModuleList with one entry per hidden layer."""
-    config = getattr(model, "config", None)
-    expected = getattr(config, "num_hidden_layers", None) or getattr(config, "n_layers", None)
-    found = [name for name, m in model.named_modules() if isinstance(m, nn.ModuleList) and len(m) == expected]
-    if not found:
-        raise UserError(f"cannot find the {expected} encoder layers of {type(model).__name__}: pruning needs a "
-                        "model whose transformer layers form one nn.ModuleList (bert, roberta, distilbert, ...)")
-    return min(found, key=len)
+    """Name of the model's list of transformer layers (common.pretrained.find_encoder_layers)."""
+    return find_encoder_layers(model)[0]
 
 
 def _replace(model: nn.Module, name: str, module: nn.Module) -> None:
@@ -526,6 +519,11 @@ def weight_files(folder: str) -> list[str]:
     raise UserError(f"{folder} holds no weights (model.safetensors, its shards, or pytorch_model.bin)")
 
 
+def weights_bytes(folder: str) -> int:
+    """Bytes on disk of a folder's weight files (what `weight_files` lists)."""
+    return sum(os.path.getsize(f) for f in weight_files(folder))
+
+
 def read_state_dict(folder: str) -> dict[str, torch.Tensor]:
     """Every tensor of a checkpoint folder, from safetensors (sharded or not) or the older .bin files."""
     state: dict[str, torch.Tensor] = {}
@@ -632,13 +630,7 @@ def save_compact(state: Mapping[str, torch.Tensor], path: str, sparse_names: Ite
         else:
             tensors[name] = tensor
             stored += tensor.numel() * tensor.element_size()
-    tmp = f"{path}.tmp-{os.getpid()}"
-    try:
-        save_file(tensors, tmp, metadata={"compact_layout": json.dumps(layout)})
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
+    save_tensors_atomic(path, tensors, metadata={"compact_layout": json.dumps(layout)})
     return {"dense_bytes": dense_bytes, "stored_bytes": stored, "sparse_matrices_dense_bytes": sparse_dense,
             "sparse_matrices_stored_bytes": sparse_stored}
 

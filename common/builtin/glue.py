@@ -1,23 +1,21 @@
-"""The built-in default: a small model built from a config, a word-level tokenizer, and generated data in the
-real file formats, so every script runs (and `make demo` works) with no download.
+"""The built-in demo of scripts/run_glue_early_exit.py: a tiny BERT built from a config and generated
+SST-2-format sentiment data.
 
-The generated GLUE task is SST-2-shaped sentiment: a sentence mixes positive, negative (some negated by
-"not") and neutral words, and its label is 1 when the positive ones outweigh the negative ones. A small encoder
-learns it, and its difficulty varies (one-sided sentences are easy, negations and near-ties are hard), which is
-what early exit feeds on.
+A sentence mixes positive, negative (some negated by "not") and neutral words, and its label is 1 when the
+positive ones outweigh the negative ones. A small encoder learns it, and its difficulty varies (one-sided
+sentences are easy, negations and near-ties are hard), which is what early exit feeds on.
 """
 
 from __future__ import annotations
 
-import logging
 import os
 import random
 
-from transformers import BertConfig, BertModel, BertTokenizerFast
+from transformers import BertModel
 
-logger = logging.getLogger(__name__)
+from common.builtin import tiny_bert_config, write_word_tokenizer
+from common.io import write_text_atomic
 
-SPECIAL_TOKENS = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
 POSITIVE = ("good great fine lovely superb brilliant charming delightful moving witty warm clever vivid "
             "gripping tender joyful").split()
 NEGATIVE = ("bad awful dull boring clumsy tedious bland weak messy poor lifeless shallow stale tiresome "
@@ -29,29 +27,6 @@ NEGATION = "not"
 
 def builtin_words() -> list[str]:
     return POSITIVE + NEGATIVE + NEUTRAL + [NEGATION]
-
-
-def write_word_tokenizer(folder: str, words: list[str], model_max_length: int = 128) -> BertTokenizerFast:
-    """A fast WordPiece tokenizer whose vocabulary is exactly `words` (plus BERT's special tokens), saved
-    into `folder` so that AutoTokenizer.from_pretrained(folder) loads it."""
-    os.makedirs(folder, exist_ok=True)
-    # transformers 5 ignores `vocab_file=` here (the tokenizer would hold only the special tokens): pass the
-    # vocabulary itself.
-    vocab = {token: i for i, token in enumerate(SPECIAL_TOKENS + sorted(set(words)))}
-    tokenizer = BertTokenizerFast(vocab=vocab, do_lower_case=True, model_max_length=model_max_length)
-    tokenizer.save_pretrained(folder)
-    return tokenizer
-
-
-def tiny_bert_config(vocab_size: int, **overrides) -> BertConfig:
-    """A small BERT (6 layers, hidden 64) that trains on a CPU in about a minute."""
-    values = dict(
-        vocab_size=vocab_size, hidden_size=64, num_hidden_layers=6, num_attention_heads=4,
-        intermediate_size=128, max_position_embeddings=128, hidden_dropout_prob=0.1,
-        attention_probs_dropout_prob=0.1,
-    )
-    values.update(overrides)
-    return BertConfig(**values)
 
 
 def write_builtin_bert(folder: str, seed: int = 0, **config_overrides) -> str:
@@ -96,9 +71,5 @@ def write_builtin_sst2(data_dir: str, n_train: int = 5000, n_dev: int = 800, see
         if os.path.isfile(path):
             continue
         rows = [_sentence(rng) for _ in range(count)]
-        tmp = path + ".tmp"
-        with open(tmp, "w", encoding="utf-8", newline="\n") as f:
-            f.write("sentence\tlabel\n")
-            f.writelines(f"{text}\t{label}\n" for text, label in rows)
-        os.replace(tmp, path)
+        write_text_atomic(path, "sentence\tlabel\n" + "".join(f"{text}\t{label}\n" for text, label in rows))
     return folder
