@@ -59,6 +59,19 @@ def add_training_args(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--bf16", action="store_true", help="Mixed precision with bfloat16 via torch.amp.")
 
 
+def add_run_args(parser: argparse.ArgumentParser, title: str, train_help: str, eval_help: str,
+                 during_help: str) -> argparse._ArgumentGroup:
+    """--do_train, --do_eval, --evaluate_during_training and --eval_all_checkpoints, in a group of their own
+    that the script may add to."""
+    g = parser.add_argument_group(title)
+    g.add_argument("--do_train", action="store_true", help=train_help)
+    g.add_argument("--do_eval", action="store_true", help=eval_help)
+    g.add_argument("--evaluate_during_training", action="store_true", help=during_help)
+    g.add_argument("--eval_all_checkpoints", action="store_true",
+                   help="Also evaluate every checkpoint-* folder in --output_dir.")
+    return g
+
+
 def add_distributed_args(parser: argparse.ArgumentParser) -> None:
     g = parser.add_argument_group("distributed")
     g.add_argument("--no_cuda", action="store_true", help="Run on CPU even where CUDA is available.")
@@ -82,25 +95,59 @@ def check_training_args(args: argparse.Namespace) -> list[str]:
     return problems
 
 
-def check_output_dir(args: argparse.Namespace, will_train: bool) -> list[str]:
-    out = args.output_dir
-    if will_train and os.path.isdir(out) and os.listdir(out) and not args.overwrite_output_dir \
-            and not args.resume_from_checkpoint:
-        return [f"output folder {out} already holds files; add --overwrite_output_dir to train into it, "
+def check_precision_flags(fp16: bool, bf16: bool, device: Any) -> list[str]:
+    """Problems with --fp16/--bf16 on this device (a torch.device)."""
+    problems = []
+    if fp16 and bf16:
+        problems.append("--fp16 and --bf16 exclude each other: pick one")
+    if fp16 and device.type != "cuda":
+        problems.append("--fp16 needs a CUDA GPU (the grad scaler is CUDA-only here); use --bf16 on CPU")
+    return problems
+
+
+def check_run_args(args: argparse.Namespace, device: Any) -> list[str]:
+    """Problems with the flags the fine-tuning scripts share: training values, precision, something to do,
+    and a model and its data given together (or neither, for the built-in demo)."""
+    problems = check_training_args(args) + check_precision_flags(args.fp16, args.bf16, device)
+    if not args.do_train and not args.do_eval:
+        problems.append("nothing to do: add --do_train and/or --do_eval")
+    if (args.model_name_or_path is None) != (args.data_dir is None):
+        problems.append("give both --model_name_or_path and --data_dir (or neither, for the built-in demo)")
+    return problems
+
+
+def check_output_dir(output_dir: str, will_train: bool, overwrite: bool, resume: str | None) -> list[str]:
+    """Problems with the output folder of a run (as messages naming the fix)."""
+    if will_train and os.path.isdir(output_dir) and os.listdir(output_dir) and not overwrite and not resume:
+        return [f"output folder {output_dir} already holds files; add --overwrite_output_dir to train into it, "
                 "--resume_from_checkpoint latest to continue, or choose another --output_dir"]
-    if os.path.exists(out) and not os.path.isdir(out):
-        return [f"--output_dir {out} is a file, not a folder"]
+    if os.path.exists(output_dir) and not os.path.isdir(output_dir):
+        return [f"--output_dir {output_dir} is a file, not a folder"]
     return []
 
 
-def apply_builtin_defaults(parser: argparse.ArgumentParser, args: argparse.Namespace,
-                           builtin_defaults: Mapping[str, Any]) -> None:
-    """For the built-in demo: replace the defaults of the flags the user did not give with values suited to
-    its tiny model trained from scratch (called once, right after parsing)."""
-    defaults = vars(parser.parse_args([]))
-    for name, value in builtin_defaults.items():
-        if getattr(args, name) == defaults[name]:
-            setattr(args, name, value)
+def flags_given(parser: argparse.ArgumentParser, argv: Sequence[str] | None) -> set[str]:
+    """The destinations of the flags on the command line, even those given their default value (parsing into a
+    namespace prefilled with a marker: argparse fills in defaults only where an attribute is missing)."""
+    unset = object()
+    names = vars(parser.parse_args([]))
+    probe = parser.parse_args(argv, namespace=argparse.Namespace(**{name: unset for name in names}))
+    return {name for name, value in vars(probe).items() if value is not unset}
+
+
+def parse_with_builtin_defaults(parser: argparse.ArgumentParser, argv: Sequence[str] | None,
+                                builtin_defaults: Mapping[str, Any],
+                                inputs: Sequence[str] = ("model_name_or_path", "data_dir")) -> argparse.Namespace:
+    """Parse; when none of the `inputs` flags is given (the built-in demo), the flags the user did not type take
+    values suited to the demo's tiny model trained from scratch (a typed flag keeps its value, even one equal
+    to the stock default)."""
+    args = parser.parse_args(argv)
+    if all(getattr(args, name) is None for name in inputs):
+        given = flags_given(parser, argv)
+        for name, value in builtin_defaults.items():
+            if name not in given:
+                setattr(args, name, value)
+    return args
 
 
 def raise_if_problems(problems: Sequence[str]) -> None:

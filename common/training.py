@@ -1,10 +1,13 @@
 """One train loop and one prediction loop for every script.
 
-The scripts differ in their loss and their parameter groups, not in how they step, accumulate, clip, log,
-checkpoint or resume: `train()` takes the script's `loss_step(model, batch, state)` and parameter groups,
-and does the rest (AdamW + linear warmup/decay, accumulation, clipping, torch.amp, DDP, tqdm, tensorboardX,
-a JSON-lines log, atomic checkpoints and exact resume). `predict()` runs a model function over a dataset
-sharded across ranks and gathers the outputs so that every example is counted exactly once.
+The scripts differ in their stages, losses, parameter groups and batch sources, not in how they step,
+accumulate, clip, log, checkpoint or resume. `train()` runs the script's stages in order: a `Stage` is a value
+(name, loss step, parameter groups with their own learning rate, hooks), and the loop does the rest (AdamW +
+linear warmup/decay, accumulation, clipping, torch.amp, DDP, tqdm, tensorboardX, a JSON-lines log, atomic
+checkpoints and exact resume, which finds its stage from the checkpoint). Scalars from the loss step are summed
+as tensors over the logging window and reduced across ranks once per log, never synced per micro-batch.
+`predict()` runs a model function over a dataset sharded across ranks and gathers the outputs so that every
+example is counted exactly once.
 """
 
 from __future__ import annotations
@@ -15,9 +18,8 @@ import logging
 import math
 import os
 import random
-import shutil
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from typing import Any, Callable, Iterable, Mapping, Sequence
 
 import numpy as np
@@ -26,14 +28,16 @@ from torch import nn
 from tqdm.auto import tqdm
 from transformers import get_linear_schedule_with_warmup
 
-from common.distributed import DistContext, all_gather_objects, barrier, shard_indices
+from common.batches import Batch, BatchSource, TensorBatches, per_rank_batches
+from common.checkpoint import TrainState, load_checkpoint, read_checkpoint_state, save_checkpoint
+from common.distributed import DistContext, all_gather_objects, shard_indices
 from common.errors import UserError
 
 logger = logging.getLogger(__name__)
 
-Batch = dict[str, torch.Tensor]
 NO_DECAY = ("bias", "LayerNorm.weight", "LayerNorm.bias", "layer_norm.weight", "layer_norm.bias")
-STATE_FILE = "trainer_state.json"
+Scalars = Mapping[str, "torch.Tensor | float"]
+LossStep = Callable[[nn.Module, Batch, TrainState], "torch.Tensor | tuple[torch.Tensor, Scalars]"]
 
 
 class TrainingDiverged(UserError):
@@ -63,8 +67,6 @@ class TrainConfig:
     fp16: bool = False
     bf16: bool = False
     dynamic_padding: bool = True
-    checkpoint_prefix: str = "checkpoint"
-    tb_prefix: str = ""
 
     @classmethod
     def from_args(cls, args: Any, **overrides: Any) -> "TrainConfig":
@@ -78,18 +80,33 @@ class TrainConfig:
         return cls(**values)
 
 
-@dataclass
-class TrainState:
-    """Progress of one training run; saved in every checkpoint as trainer_state.json."""
+@dataclass(frozen=True)
+class Stage:
+    """One training stage: its name (checkpoint folders are `<name>-NNNNNN`), the loss step, and a function
+    giving its AdamW parameter groups (each with its own learning rate; called when the stage starts, after
+    `enter`, so that what `enter` freezes is left out). `on_log(state)` runs on every rank at each logging step
+    and its values are logged; `on_end(result)` runs when the stage is done."""
 
-    global_step: int = 0
-    epoch: int = 0
-    step_in_epoch: int = 0  # optimizer steps already taken in `epoch`
-    total_steps: int = 0
-    num_epochs: int = 0
-    stage: str = "checkpoint"
-    loss_sum: float = 0.0  # sum of per-step losses, for the average reported at the end
-    extra: dict[str, Any] = field(default_factory=dict)
+    name: str
+    loss_step: LossStep
+    param_groups: Callable[[], list[dict[str, Any]]]
+    enter: Callable[[], None] | None = None
+    on_log: Callable[[TrainState], Mapping[str, float]] | None = None
+    on_end: Callable[["TrainResult"], None] | None = None
+    tb_prefix: str = ""
+
+
+@dataclass(frozen=True)
+class StepPlan:
+    """How many optimizer steps a stage takes, derived in one place from the data size and the flags (the
+    benches use it too). Saved in every checkpoint: a resume whose flags give another plan is refused."""
+
+    batches_per_epoch: int  # per rank
+    updates_per_epoch: int
+    total_steps: int
+    num_epochs: int
+    warmup_steps: int
+    world_size: int
 
 
 @dataclass(frozen=True)
@@ -99,6 +116,29 @@ class TrainResult:
     seconds: float
     examples_per_second: float
     last_checkpoint: str | None
+    stage: str = "checkpoint"
+
+
+def plan_steps(batches_per_epoch: int, cfg: TrainConfig, world_size: int = 1) -> StepPlan:
+    """The step plan of `cfg` for a source giving `batches_per_epoch` batches per rank; leftover micro-batches
+    of an epoch that do not fill an accumulation are dropped."""
+    if batches_per_epoch < cfg.gradient_accumulation_steps:
+        raise UserError(
+            f"the training data make {batches_per_epoch} batches per device and epoch, fewer than "
+            f"--gradient_accumulation_steps {cfg.gradient_accumulation_steps}; lower it or the batch size"
+        )
+    updates_per_epoch = max(1, batches_per_epoch // cfg.gradient_accumulation_steps)
+    if cfg.max_steps > 0:
+        total_steps, num_epochs = cfg.max_steps, math.ceil(cfg.max_steps / updates_per_epoch)
+    else:
+        total_steps, num_epochs = math.ceil(updates_per_epoch * cfg.num_train_epochs), math.ceil(cfg.num_train_epochs)
+    warmup = cfg.warmup_steps if cfg.warmup_steps > 0 else int(cfg.warmup_proportion * total_steps)
+    return StepPlan(batches_per_epoch, updates_per_epoch, total_steps, num_epochs, warmup, world_size)
+
+
+def plan_for_examples(num_examples: int, cfg: TrainConfig, world_size: int = 1) -> StepPlan:
+    """`plan_steps` for the default batch source over `num_examples` rows."""
+    return plan_steps(per_rank_batches(num_examples, cfg.per_device_batch_size, world_size), cfg, world_size)
 
 
 def set_seed(seed: int) -> None:
@@ -138,43 +178,6 @@ def param_groups(
 
 
 # ----------------------------------------------------------------------------------------------------------
-# batching
-
-
-def dataset_size(dataset: Mapping[str, torch.Tensor]) -> int:
-    return len(next(iter(dataset.values())))
-
-
-def make_batch(
-    dataset: Mapping[str, torch.Tensor], indices: Sequence[int], device: torch.device, dynamic_padding: bool
-) -> Batch:
-    """Gather rows into a batch on `device`; with dynamic padding, trim [B, S] tensors to the longest row."""
-    idx = torch.as_tensor(list(indices), dtype=torch.long)
-    batch = {k: v.index_select(0, idx) for k, v in dataset.items()}
-    if dynamic_padding and "attention_mask" in batch and len(idx):
-        mask = batch["attention_mask"]
-        seq_len = mask.shape[1]
-        used = mask.bool().any(dim=0).nonzero().flatten()
-        first, last = (int(used[0]), int(used[-1]) + 1) if len(used) else (0, seq_len)
-        if last - first < seq_len:
-            # The span of columns holding any real token: right- and left-padded features alike.
-            batch = {k: (v[:, first:last] if v.dim() == 2 and v.shape[1] == seq_len else v) for k, v in batch.items()}
-    return {k: v.to(device, non_blocking=True) for k, v in batch.items()}
-
-
-def epoch_batches(n: int, batch_size: int, seed: int, epoch: int, ctx: DistContext) -> list[list[int]]:
-    """This rank's batches for one epoch: a permutation seeded by (seed, epoch), padded by wrapping so every
-    rank takes the same number of steps (as torch's DistributedSampler), then split by rank."""
-    gen = torch.Generator().manual_seed(seed * 1000003 + epoch)
-    perm = torch.randperm(n, generator=gen).tolist()
-    if ctx.world_size > 1:
-        total = math.ceil(n / ctx.world_size) * ctx.world_size
-        perm = (perm * math.ceil(total / max(n, 1)))[:total]
-        perm = perm[ctx.rank :: ctx.world_size]
-    return [perm[i : i + batch_size] for i in range(0, len(perm), batch_size)]
-
-
-# ----------------------------------------------------------------------------------------------------------
 # precision
 
 
@@ -186,375 +189,255 @@ def autocast_context(device: torch.device, fp16: bool, bf16: bool) -> contextlib
     return contextlib.nullcontext()
 
 
-def check_precision_flags(fp16: bool, bf16: bool, device: torch.device) -> list[str]:
-    """Problems with --fp16/--bf16 on this device, for the script's argument validation."""
-    problems = []
-    if fp16 and bf16:
-        problems.append("--fp16 and --bf16 exclude each other: pick one")
-    if fp16 and device.type != "cuda":
-        problems.append("--fp16 needs a CUDA GPU (the grad scaler is CUDA-only here); use --bf16 on CPU")
-    return problems
-
-
-# ----------------------------------------------------------------------------------------------------------
-# checkpoints
-
-
-def _rng_state() -> dict[str, Any]:
-    np_state = np.random.get_state()
-    state = {
-        "python": random.getstate(),
-        "numpy": [np_state[0], torch.from_numpy(np_state[1].astype(np.int64)), *np_state[2:]],
-        "torch": torch.get_rng_state(),
-    }
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
-    return state
-
-
-def _set_rng_state(state: Mapping[str, Any]) -> None:
-    version, internal, gauss = state["python"]
-    random.setstate((version, tuple(internal), gauss))
-    name, keys, pos, has_gauss, cached = state["numpy"]
-    np.random.set_state((name, keys.numpy().astype(np.uint32), pos, has_gauss, cached))
-    torch.set_rng_state(state["torch"])
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
-
-
-def write_text_atomic(path: str, text: str) -> None:
-    """Write text through a temporary file renamed into place: a crash leaves the old file or none, never
-    half a file, and no temporary file behind."""
-    tmp = f"{path}.tmp-{os.getpid()}"
-    try:
-        with open(tmp, "w", encoding="utf-8") as f:
-            f.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
-
-
-def write_json_atomic(path: str, obj: Any) -> None:
-    """JSON (indented, sorted keys) written atomically, as write_text_atomic."""
-    write_text_atomic(path, json.dumps(obj, indent=2, sort_keys=True, default=str) + "\n")
-
-
-def save_folder_atomic(save: Callable[[str], None], dest: str) -> None:
-    """Run `save(folder)` into a temporary folder inside `dest`, then move each file into `dest`: a crash
-    while saving leaves the previous files (or none), never a half-written model beside good ones."""
-    os.makedirs(dest, exist_ok=True)
-    tmp = os.path.join(dest, f".saving-{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
-    os.makedirs(tmp)
-    try:
-        save(tmp)
-        for name in os.listdir(tmp):
-            target = os.path.join(dest, name)
-            if os.path.isdir(target) and not os.path.islink(target):
-                shutil.rmtree(target)
-            os.replace(os.path.join(tmp, name), target)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-
-
-def checkpoint_name(prefix: str, step: int) -> str:
-    return f"{prefix}-{step:06d}"
-
-
-def read_checkpoint_state(path: str) -> TrainState:
-    """The progress stored in a checkpoint folder; a clear error if the folder is not a complete checkpoint."""
-    state_file = os.path.join(path, STATE_FILE)
-    if not os.path.isfile(state_file):
-        raise UserError(
-            f"{path} is not a complete checkpoint (no {STATE_FILE}); point --resume_from_checkpoint at a "
-            "checkpoint-* folder written by --save_steps, or 'latest'"
-        )
-    for needed in ("optimizer.pt", "scheduler.pt"):
-        if not os.path.isfile(os.path.join(path, needed)):
-            raise UserError(f"{path} is an incomplete checkpoint: {needed} is missing; resume from another one")
-    try:
-        with open(state_file, encoding="utf-8") as f:
-            return TrainState(**json.load(f))
-    except (ValueError, TypeError) as err:
-        raise UserError(f"{state_file} is damaged or was not written by these scripts ({err}); resume from "
-                        "another checkpoint") from None
-
-
-def find_checkpoints(output_dir: str) -> list[str]:
-    """Complete checkpoint folders under output_dir, oldest first (ordered by their stored progress,
-    stage order included, never by parsing folder names)."""
-    found = []
-    if not os.path.isdir(output_dir):
-        return found
-    for name in os.listdir(output_dir):
-        path = os.path.join(output_dir, name)
-        if name.startswith(".") or not os.path.isfile(os.path.join(path, STATE_FILE)):
-            continue
-        with open(os.path.join(path, STATE_FILE), encoding="utf-8") as f:
-            state = json.load(f)
-        found.append((state.get("extra", {}).get("stage_index", 0), state["global_step"], path))
-    return [p for _, _, p in sorted(found)]
-
-
-def resolve_resume_path(resume: str | None, output_dir: str) -> str | None:
-    """--resume_from_checkpoint PATH|latest → a checkpoint folder (or None when not resuming)."""
-    if not resume:
-        return None
-    if resume == "latest":
-        found = find_checkpoints(output_dir)
-        if not found:
-            raise UserError(
-                f"--resume_from_checkpoint latest: no checkpoint under {output_dir}; run without it to start afresh"
-            )
-        return found[-1]
-    if not os.path.isdir(resume):
-        raise UserError(f"--resume_from_checkpoint {resume}: no such folder")
-    read_checkpoint_state(resume)
-    return resume
-
-
-def _save_checkpoint(
-    ctx: DistContext,
-    cfg: TrainConfig,
-    state: TrainState,
-    optimizer: torch.optim.Optimizer,
-    scheduler: Any,
-    scaler: torch.amp.GradScaler | None,
-    save_model: Callable[[str], None],
-) -> str:
-    """A complete checkpoint folder, written under a temporary name and renamed into place when whole."""
-    final = os.path.join(cfg.output_dir, checkpoint_name(state.stage, state.global_step))
-    tmp = os.path.join(cfg.output_dir, "." + os.path.basename(final) + ".tmp")
-    if ctx.is_main:
-        shutil.rmtree(tmp, ignore_errors=True)
-        os.makedirs(tmp)
-    barrier()
-    torch.save(_rng_state(), os.path.join(tmp, f"rng_state_{ctx.rank}.pt"))
-    barrier()
-    if ctx.is_main:
-        save_model(tmp)
-        torch.save(optimizer.state_dict(), os.path.join(tmp, "optimizer.pt"))
-        torch.save(scheduler.state_dict(), os.path.join(tmp, "scheduler.pt"))
-        if scaler is not None:
-            torch.save(scaler.state_dict(), os.path.join(tmp, "scaler.pt"))
-        write_json_atomic(os.path.join(tmp, STATE_FILE), asdict(state))
-        if os.path.exists(final):
-            shutil.rmtree(final)
-        os.replace(tmp, final)
-        logger.info("Saved checkpoint %s", final)
-    barrier()
-    return final
-
-
-def _load_checkpoint(
-    ctx: DistContext,
-    path: str,
-    optimizer: torch.optim.Optimizer,
-    scheduler: Any,
-    scaler: torch.amp.GradScaler | None,
-) -> TrainState:
-    state = read_checkpoint_state(path)
-    optimizer.load_state_dict(torch.load(os.path.join(path, "optimizer.pt"), map_location="cpu", weights_only=True))
-    scheduler.load_state_dict(torch.load(os.path.join(path, "scheduler.pt"), map_location="cpu", weights_only=True))
-    scaler_file = os.path.join(path, "scaler.pt")
-    if scaler is not None and os.path.isfile(scaler_file):
-        scaler.load_state_dict(torch.load(scaler_file, weights_only=True))
-    rng_file = os.path.join(path, f"rng_state_{ctx.rank}.pt")
-    if os.path.isfile(rng_file):
-        _set_rng_state(torch.load(rng_file, weights_only=True))
-    else:
-        logger.warning("%s has no RNG state for rank %d (different world size?); dropout will differ", path, ctx.rank)
-    return state
-
-
 # ----------------------------------------------------------------------------------------------------------
 # the loop
 
-LossStep = Callable[[nn.Module, Batch, TrainState], "torch.Tensor | tuple[torch.Tensor, dict[str, float]]"]
+
+class ScalarWindow:
+    """Loss-step scalars summed as tensors over a logging window (no host sync per micro-batch), averaged over
+    every rank's micro-batches with one all-reduce when the window is logged."""
+
+    def __init__(self) -> None:
+        self.sums: dict[str, torch.Tensor] = {}
+        self.counts: dict[str, int] = {}
+
+    def add(self, scalars: Scalars) -> None:
+        for name, value in scalars.items():
+            value = value.detach().float() if torch.is_tensor(value) else torch.tensor(float(value))
+            self.sums[name] = self.sums[name] + value if name in self.sums else value
+            self.counts[name] = self.counts.get(name, 0) + 1
+
+    def reduce(self, ctx: DistContext) -> dict[str, float]:
+        names = sorted(self.sums)
+        if not names:
+            return {}
+        device = ctx.device if ctx.is_distributed else self.sums[names[0]].device
+        packed = torch.stack([self.sums[n].to(device) for n in names]
+                             + [torch.tensor(float(self.counts[n]), device=device) for n in names])
+        if ctx.is_distributed:
+            torch.distributed.all_reduce(packed)
+        values = packed.tolist()
+        self.sums, self.counts = {}, {}
+        return {n: values[i] / max(values[len(names) + i], 1.0) for i, n in enumerate(names)}
 
 
-def _log_line(cfg: TrainConfig, record: Mapping[str, Any]) -> None:
-    with open(os.path.join(cfg.output_dir, "log_history.jsonl"), "a", encoding="utf-8") as f:
+def _log_line(output_dir: str, record: Mapping[str, Any]) -> None:
+    with open(os.path.join(output_dir, "log_history.jsonl"), "a", encoding="utf-8") as f:
         f.write(json.dumps(record, sort_keys=True) + "\n")
+
+
+class _StageRun:
+    """One stage's optimizer, schedule, progress and loop (split into short steps)."""
+
+    def __init__(self, ctx: DistContext, cfg: TrainConfig, model: nn.Module, stage: Stage, index: int,
+                 source: BatchSource, plan: StepPlan, save_model: Callable[[str], None], tb_writer: Any) -> None:
+        self.ctx, self.cfg, self.model, self.stage, self.source, self.plan = ctx, cfg, model, stage, source, plan
+        self.save_model, self.tb_writer = save_model, tb_writer
+        groups = stage.param_groups()
+        self.trainable = [p for g in groups for p in g["params"]]
+        self.optimizer = torch.optim.AdamW([{k: v for k, v in g.items() if k != "names"} for g in groups],
+                                           lr=cfg.learning_rate, eps=cfg.adam_epsilon, betas=cfg.adam_betas,
+                                           weight_decay=cfg.weight_decay)
+        self.scheduler = get_linear_schedule_with_warmup(self.optimizer, num_warmup_steps=plan.warmup_steps,
+                                                         num_training_steps=plan.total_steps)
+        self.scaler = torch.amp.GradScaler(ctx.device.type) if cfg.fp16 else None
+        self.state = TrainState(total_steps=plan.total_steps, num_epochs=plan.num_epochs, stage=stage.name,
+                                stage_index=index, plan=asdict(plan))
+        self.window = ScalarWindow()
+        self.window_loss, self.window_steps, self.examples_seen = 0.0, 0, 0
+        self.last_checkpoint: str | None = None
+
+    def resume(self, path: str) -> None:
+        state = load_checkpoint(self.ctx, path, self.optimizer, self.scheduler, self.scaler)
+        check_plan(path, state, self.plan)
+        state.plan, state.stage_index = asdict(self.plan), self.state.stage_index
+        self.state, self.last_checkpoint = state, path
+        logger.info("Resumed from %s at step %d (epoch %d)", path, state.global_step, state.epoch)
+
+    def run(self) -> TrainResult:
+        ctx, cfg, plan, state = self.ctx, self.cfg, self.plan, self.state
+        wrapped = self._wrap()
+        logger.info("***** Training (%s) *****  examples=%d epochs=%d batch/device=%d accumulation=%d total "
+                    "batch=%d optimization steps=%d warmup=%d", self.stage.name, self.source.num_examples,
+                    plan.num_epochs, cfg.per_device_batch_size, cfg.gradient_accumulation_steps,
+                    cfg.per_device_batch_size * cfg.gradient_accumulation_steps * ctx.world_size, plan.total_steps,
+                    plan.warmup_steps)
+        start = time.perf_counter()
+        bar = tqdm(total=plan.total_steps, initial=state.global_step, desc=f"train {self.stage.name}",
+                   disable=not ctx.is_main, dynamic_ncols=True)
+        self.model.train()
+        try:
+            while state.global_step < plan.total_steps:
+                if self._epoch(wrapped, bar):
+                    break
+                state.epoch += 1
+                state.step_in_epoch = 0
+                already_saved = cfg.save_steps > 0 and state.global_step % cfg.save_steps == 0
+                if cfg.save_each_epoch and not already_saved:
+                    self._checkpoint()
+        finally:
+            bar.close()
+        seconds = time.perf_counter() - start
+        if self.tb_writer is not None and ctx.is_main:
+            self.tb_writer.flush()
+        avg = state.loss_sum / max(state.global_step, 1)
+        throughput = self.examples_seen * ctx.world_size / max(seconds, 1e-9)
+        logger.info("Finished %s: %d steps, average loss %.4f, %.1f examples/s", self.stage.name, state.global_step,
+                    avg, throughput)
+        return TrainResult(state.global_step, avg, seconds, throughput, self.last_checkpoint, self.stage.name)
+
+    def _wrap(self) -> nn.Module:
+        if not self.ctx.is_distributed:
+            return self.model
+        kwargs = {"device_ids": [self.ctx.device.index]} if self.ctx.device.type == "cuda" else {}
+        return nn.parallel.DistributedDataParallel(self.model, **kwargs)
+
+    def _epoch(self, wrapped: nn.Module, bar: Any) -> bool:
+        """The rest of the current epoch; True when the plan's last step was taken inside it."""
+        state, accumulation = self.state, self.cfg.gradient_accumulation_steps
+        batches = self.source.epoch(state.epoch, self.ctx)
+        if len(batches) != self.plan.batches_per_epoch:
+            raise ValueError(f"the batch source gave {len(batches)} batches for epoch {state.epoch}, expected "
+                             f"{self.plan.batches_per_epoch} per device")
+        usable = self.plan.updates_per_epoch * accumulation
+        step_loss: torch.Tensor | None = None  # this optimization step's loss, summed over micro-batches
+        for micro, indices in enumerate(batches[state.step_in_epoch * accumulation : usable]):
+            last_micro = (micro + 1) % accumulation == 0
+            loss = self._micro_step(wrapped, indices, sync=last_micro)
+            step_loss = loss if step_loss is None else step_loss + loss
+            if last_micro:
+                self._optimizer_step(step_loss, bar)
+                step_loss = None
+                if state.global_step >= self.plan.total_steps:
+                    return True
+        return False
+
+    def _micro_step(self, wrapped: nn.Module, indices: Sequence[int], sync: bool) -> torch.Tensor:
+        """Forward and backward of one micro-batch (gradients synced across ranks only on the last one)."""
+        cfg = self.cfg
+        batch = self.source.collate(indices, self.ctx.device)
+        no_sync = sync or not self.ctx.is_distributed
+        with contextlib.nullcontext() if no_sync else wrapped.no_sync():
+            with autocast_context(self.ctx.device, cfg.fp16, cfg.bf16):
+                out = self.stage.loss_step(wrapped, batch, self.state)
+            loss, scalars = out if isinstance(out, tuple) else (out, {})
+            scaled = loss / cfg.gradient_accumulation_steps
+            (self.scaler.scale(scaled) if self.scaler is not None else scaled).backward()
+        self.window.add(scalars)
+        self.examples_seen += len(indices)
+        return scaled.detach()
+
+    def _optimizer_step(self, step_loss: torch.Tensor, bar: Any) -> None:
+        cfg, ctx, state = self.cfg, self.ctx, self.state
+        if self.scaler is not None:
+            self.scaler.unscale_(self.optimizer)
+        max_norm = cfg.max_grad_norm if cfg.max_grad_norm > 0 else float("inf")
+        grad_norm = torch.nn.utils.clip_grad_norm_(self.trainable, max_norm)
+        step_loss = step_loss.float()
+        if ctx.is_distributed:
+            torch.distributed.all_reduce(step_loss)
+            step_loss /= ctx.world_size
+        value = step_loss.item()  # one host sync per optimizer step: the divergence check needs it
+        if not math.isfinite(value):
+            where = f"the last good checkpoint is {self.last_checkpoint}" if self.last_checkpoint else "no checkpoint"
+            raise TrainingDiverged(f"loss became {value} at optimization step {state.global_step + 1} (epoch "
+                                   f"{state.epoch}); {where}; lower --learning_rate, keep --max_grad_norm on, or "
+                                   "check the data")
+        if self.scaler is not None:
+            self.scaler.step(self.optimizer)
+            self.scaler.update()
+        else:
+            self.optimizer.step()
+        self.scheduler.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        state.global_step += 1
+        state.step_in_epoch += 1
+        state.loss_sum += value
+        self.window_loss += value
+        self.window_steps += 1
+        bar.update(1)
+        bar.set_postfix(loss=f"{value:.4f}")
+        if cfg.logging_steps > 0 and state.global_step % cfg.logging_steps == 0:
+            self._log(grad_norm)
+        if cfg.save_steps > 0 and state.global_step % cfg.save_steps == 0:
+            self._checkpoint()
+
+    def _log(self, grad_norm: torch.Tensor) -> None:
+        state = self.state
+        values = self.window.reduce(self.ctx)
+        if self.stage.on_log is not None:
+            values.update(self.stage.on_log(state))
+        if self.ctx.is_main:
+            record = {"stage": self.stage.name, "step": state.global_step, "epoch": state.epoch,
+                      "loss": self.window_loss / self.window_steps, "lr": self.scheduler.get_last_lr()[0],
+                      "grad_norm": float(grad_norm), **values}
+            _log_line(self.cfg.output_dir, record)
+            if self.tb_writer is not None:
+                for key, value in record.items():
+                    if key not in ("stage", "step", "epoch"):
+                        self.tb_writer.add_scalar(f"{self.stage.tb_prefix}{key}", value, state.global_step)
+        self.window_loss, self.window_steps = 0.0, 0
+
+    def _checkpoint(self) -> None:
+        self.last_checkpoint = save_checkpoint(self.ctx, self.cfg.output_dir, self.state, self.optimizer,
+                                               self.scheduler, self.scaler, self.save_model)
+
+
+def check_plan(path: str, state: TrainState, plan: StepPlan) -> None:
+    """A checkpoint resumes only under the step plan it was made with (else the schedule, the pruning
+    threshold and the epoch boundaries would silently drift from the run being continued)."""
+    stored = state.plan or {"total_steps": state.total_steps, "num_epochs": state.num_epochs}
+    now = asdict(plan)
+    changed = [f"{k} {stored[k]} -> {now[k]}" for k in stored if k in now and stored[k] != now[k]]
+    if changed:
+        raise UserError(f"{path} was made under another step plan ({', '.join(changed)}): resume with the flags "
+                        "of that run (epochs, max steps, batch size, accumulation, warmup, number of processes, "
+                        "data) or start afresh")
 
 
 def train(
     ctx: DistContext,
     cfg: TrainConfig,
     model: nn.Module,
-    dataset: Mapping[str, torch.Tensor],
-    loss_step: LossStep,
-    groups: list[dict[str, Any]],
+    stages: Sequence[Stage],
+    batches: BatchSource | Mapping[str, torch.Tensor],
     save_model: Callable[[str], None],
     tb_writer: Any = None,
     resume_from: str | None = None,
-    stage_index: int = 0,
-    on_log: Callable[[TrainState], dict[str, float]] | None = None,
-    batch_order: Callable[[int, DistContext], list[list[int]]] | None = None,
-) -> TrainResult:
-    """Train `model` on `dataset` with the script's `loss_step`, returning the step count and average loss.
+) -> list[TrainResult]:
+    """Run `stages` in order on the batches of `batches` (a batch source, or a dict of padded tensors for the
+    default seeded shuffle), returning one result per stage run.
 
-    `model` holds the trainable parameters (frozen ones have requires_grad=False before the call); it is
-    wrapped in DDP when running under torchrun. `save_model(folder)` writes whatever the script needs to
-    reload the model (weights, config, tokenizer) into a checkpoint folder. `on_log(state)`, if given, runs
-    on every rank at each logging step (e.g. an evaluation) and its values are logged with the loss.
-    `batch_order(epoch, ctx)`, if given, replaces the seeded shuffle (`epoch_batches`) with the script's own
-    batches for this rank (e.g. length-grouped); it must be a pure function of the epoch (and the script's
-    seed) for exact resume, and give every rank the same number of batches as `epoch_batches` would.
+    `model` is wrapped in DDP under torchrun. `save_model(folder)` writes whatever the script needs to reload
+    the model into a checkpoint folder. With `resume_from`, the stages before the checkpoint's are skipped and
+    its stage continues exactly where it stopped (optimizer, schedule, every rank's RNG, position in the epoch).
+    Every stage starts from `cfg.seed + rank`: each rank its own dropout and masking, the same on every run.
     """
     os.makedirs(cfg.output_dir, exist_ok=True)
-    n = dataset_size(dataset)
-    steps_per_epoch = math.ceil(math.ceil(n / ctx.world_size) / cfg.per_device_batch_size)
-    if steps_per_epoch < cfg.gradient_accumulation_steps:
-        raise UserError(
-            f"{n} training examples make {steps_per_epoch} batches per device and epoch, fewer than "
-            f"--gradient_accumulation_steps {cfg.gradient_accumulation_steps}; lower it or the batch size"
-        )
-    updates_per_epoch = max(1, steps_per_epoch // cfg.gradient_accumulation_steps)
-    if cfg.max_steps > 0:
-        total_steps = cfg.max_steps
-        num_epochs = math.ceil(cfg.max_steps / updates_per_epoch)
-    else:
-        total_steps = math.ceil(updates_per_epoch * cfg.num_train_epochs)
-        num_epochs = math.ceil(cfg.num_train_epochs)
-    warmup = cfg.warmup_steps if cfg.warmup_steps > 0 else int(cfg.warmup_proportion * total_steps)
-
-    optimizer = torch.optim.AdamW(
-        [{k: v for k, v in g.items() if k != "names"} for g in groups],
-        lr=cfg.learning_rate,
-        eps=cfg.adam_epsilon,
-        betas=cfg.adam_betas,
-        weight_decay=cfg.weight_decay,
-    )
-    scheduler = get_linear_schedule_with_warmup(optimizer, num_warmup_steps=warmup, num_training_steps=total_steps)
-    scaler = torch.amp.GradScaler(ctx.device.type) if cfg.fp16 else None
-    trainable = [p for g in groups for p in g["params"]]
-
-    set_seed(cfg.seed)
-    state = TrainState(total_steps=total_steps, num_epochs=num_epochs, stage=cfg.checkpoint_prefix)
-    state.extra["stage_index"] = stage_index
+    source = batches if hasattr(batches, "collate") else TensorBatches(
+        batches, cfg.per_device_batch_size, cfg.seed, cfg.dynamic_padding)
+    plan = plan_steps(source.batches_per_epoch(ctx), cfg, ctx.world_size)
+    first = 0
     if resume_from:
-        state = _load_checkpoint(ctx, resume_from, optimizer, scheduler, scaler)
-        logger.info("Resumed from %s at step %d (epoch %d)", resume_from, state.global_step, state.epoch)
-
-    if ctx.is_distributed:
-        ddp_kwargs = {"device_ids": [ctx.device.index]} if ctx.device.type == "cuda" else {}
-        wrapped: nn.Module = nn.parallel.DistributedDataParallel(model, **ddp_kwargs)
-    else:
-        wrapped = model
-
-    total_batch = cfg.per_device_batch_size * cfg.gradient_accumulation_steps * ctx.world_size
-    logger.info(
-        "***** Training (%s) *****  examples=%d epochs=%d batch/device=%d accumulation=%d total batch=%d "
-        "optimization steps=%d warmup=%d",
-        cfg.checkpoint_prefix, n, num_epochs, cfg.per_device_batch_size, cfg.gradient_accumulation_steps,
-        total_batch, total_steps, warmup,
-    )
-    last_checkpoint = resume_from
-    examples_seen = 0
-    start = time.perf_counter()
-    window_loss, window_steps = 0.0, 0
-    bar = tqdm(total=total_steps, initial=state.global_step, desc=f"train {cfg.checkpoint_prefix}",
-               disable=not ctx.is_main, dynamic_ncols=True)
-    model.train()
-    try:
-        while state.global_step < total_steps:
-            step_loss: torch.Tensor | None = None  # this optimization step's loss, summed over micro-batches
-            if batch_order is None:
-                batches = epoch_batches(n, cfg.per_device_batch_size, cfg.seed, state.epoch, ctx)
-            else:
-                batches = batch_order(state.epoch, ctx)
-                if len(batches) != steps_per_epoch:
-                    raise ValueError(f"batch_order gave {len(batches)} batches for epoch {state.epoch}, expected "
-                                     f"{steps_per_epoch} per device")
-            usable = updates_per_epoch * cfg.gradient_accumulation_steps
-            batches = batches[state.step_in_epoch * cfg.gradient_accumulation_steps : usable]
-            for micro, indices in enumerate(batches):
-                batch = make_batch(dataset, indices, ctx.device, cfg.dynamic_padding)
-                last_micro = (micro + 1) % cfg.gradient_accumulation_steps == 0
-                sync = contextlib.nullcontext() if (last_micro or not ctx.is_distributed) else wrapped.no_sync()
-                with sync:
-                    with autocast_context(ctx.device, cfg.fp16, cfg.bf16):
-                        out = loss_step(wrapped, batch, state)
-                    loss, scalars = (out if isinstance(out, tuple) else (out, {}))
-                    scaled = loss / cfg.gradient_accumulation_steps
-                    (scaler.scale(scaled) if scaler is not None else scaled).backward()
-                step_loss = scaled.detach() if step_loss is None else step_loss + scaled.detach()
-                examples_seen += len(indices)
-                if not last_micro:
-                    continue
-                if scaler is not None:
-                    scaler.unscale_(optimizer)
-                max_norm = cfg.max_grad_norm if cfg.max_grad_norm > 0 else float("inf")
-                grad_norm = torch.nn.utils.clip_grad_norm_(trainable, max_norm)
-                step_loss = step_loss.float()
-                if ctx.is_distributed:
-                    torch.distributed.all_reduce(step_loss)
-                    step_loss /= ctx.world_size
-                step_loss_value = step_loss.item()
-                step_loss = None
-                if not math.isfinite(step_loss_value):
-                    raise TrainingDiverged(
-                        f"loss became {step_loss_value} at optimization step {state.global_step + 1} "
-                        f"(epoch {state.epoch}); "
-                        + (f"the last good checkpoint is {last_checkpoint}" if last_checkpoint else "no checkpoint")
-                        + "; lower --learning_rate, keep --max_grad_norm on, or check the data"
-                    )
-                if scaler is not None:
-                    scaler.step(optimizer)
-                    scaler.update()
-                else:
-                    optimizer.step()
-                scheduler.step()
-                optimizer.zero_grad(set_to_none=True)
-                state.global_step += 1
-                state.step_in_epoch += 1
-                state.loss_sum += step_loss_value
-                window_loss += step_loss_value
-                window_steps += 1
-                bar.update(1)
-                bar.set_postfix(loss=f"{step_loss_value:.4f}")
-                is_log_step = cfg.logging_steps > 0 and state.global_step % cfg.logging_steps == 0
-                if is_log_step and on_log is not None:
-                    scalars = {**scalars, **on_log(state)}
-                if is_log_step and ctx.is_main:
-                    record = {
-                        "stage": cfg.checkpoint_prefix,
-                        "step": state.global_step,
-                        "epoch": state.epoch,
-                        "loss": window_loss / window_steps,
-                        "lr": scheduler.get_last_lr()[0],
-                        "grad_norm": float(grad_norm),
-                        **scalars,
-                    }
-                    _log_line(cfg, record)
-                    if tb_writer is not None:
-                        for key, value in record.items():
-                            if key not in ("stage", "step", "epoch"):
-                                tb_writer.add_scalar(f"{cfg.tb_prefix}{key}", value, state.global_step)
-                    window_loss, window_steps = 0.0, 0
-                if cfg.save_steps > 0 and state.global_step % cfg.save_steps == 0:
-                    last_checkpoint = _save_checkpoint(ctx, cfg, state, optimizer, scheduler, scaler, save_model)
-                if state.global_step >= total_steps:
-                    break
-            else:
-                state.epoch += 1
-                state.step_in_epoch = 0
-                already_saved = cfg.save_steps > 0 and state.global_step % cfg.save_steps == 0
-                if cfg.save_each_epoch and not already_saved:
-                    last_checkpoint = _save_checkpoint(ctx, cfg, state, optimizer, scheduler, scaler, save_model)
-    finally:
-        bar.close()
-    seconds = time.perf_counter() - start
-    if tb_writer is not None and ctx.is_main:
-        tb_writer.flush()
-    avg = state.loss_sum / max(state.global_step, 1)
-    throughput = examples_seen * ctx.world_size / max(seconds, 1e-9)
-    logger.info("Finished %s: %d steps, average loss %.4f, %.1f examples/s", cfg.checkpoint_prefix,
-                state.global_step, avg, throughput)
-    return TrainResult(state.global_step, avg, seconds, throughput, last_checkpoint)
+        name = read_checkpoint_state(resume_from).stage
+        names = [s.name for s in stages]
+        if name not in names:
+            raise UserError(f"{resume_from} is a checkpoint of stage '{name}', which this run does not have "
+                            f"(stages: {', '.join(names)})")
+        first = names.index(name)
+    results = []
+    for index, stage in enumerate(stages[first:], start=first):
+        if stage.enter is not None:
+            stage.enter()
+        runner = _StageRun(ctx, cfg, model, stage, index, source, plan, save_model, tb_writer)
+        set_seed(cfg.seed + ctx.rank)
+        if resume_from and index == first:
+            runner.resume(resume_from)
+        result = runner.run()
+        results.append(result)
+        if stage.on_end is not None:
+            stage.on_end(result)
+    return results
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -563,7 +446,7 @@ def train(
 
 def predict(
     ctx: DistContext,
-    dataset: Mapping[str, torch.Tensor],
+    data: BatchSource | Mapping[str, torch.Tensor],
     batch_size: int,
     step: Callable[[Batch], Mapping[str, torch.Tensor]],
     dynamic_padding: bool = True,
@@ -571,11 +454,12 @@ def predict(
     fp16: bool = False,
     bf16: bool = False,
 ) -> tuple[dict[str, np.ndarray], float]:
-    """Run `step(batch) -> {name: per-example tensor}` over the dataset, sharded over ranks without padding,
-    and gather every rank's outputs back into dataset order. Returns (outputs, wall seconds of the slowest
-    rank). `step` runs under torch.no_grad() in eval mode handling (the caller sets model.eval())."""
-    n = dataset_size(dataset)
-    mine = shard_indices(n, ctx)
+    """Run `step(batch) -> {name: per-example tensor}` over the examples of `data` (a dict of tensors, or a
+    batch source whose `collate` makes the batches), sharded over ranks without padding, and gather every
+    rank's outputs back into example order. Returns (outputs, wall seconds of the slowest rank). `step` runs
+    under torch.no_grad() (the caller sets model.eval())."""
+    source = data if hasattr(data, "collate") else TensorBatches(data, batch_size, dynamic_padding=dynamic_padding)
+    mine = shard_indices(source.num_examples, ctx)
     chunks: dict[str, list[np.ndarray]] = {}
     if ctx.device.type == "cuda":
         torch.cuda.synchronize(ctx.device)
@@ -583,8 +467,7 @@ def predict(
     with torch.no_grad():
         for i in tqdm(range(0, len(mine), batch_size), desc=desc, disable=not ctx.is_main, dynamic_ncols=True,
                       leave=False):
-            indices = mine[i : i + batch_size]
-            batch = make_batch(dataset, indices, ctx.device, dynamic_padding)
+            batch = source.collate(mine[i : i + batch_size], ctx.device)
             with autocast_context(ctx.device, fp16, bf16):
                 out = step(batch)
             for key, value in out.items():
@@ -594,12 +477,16 @@ def predict(
         torch.cuda.synchronize(ctx.device)
     seconds = time.perf_counter() - start
     local = {k: np.concatenate(v) for k, v in chunks.items()}
-    gathered = all_gather_objects((mine, local, seconds), ctx)
+    return _merge_shards(all_gather_objects((mine, local, seconds), ctx), local)
+
+
+def _merge_shards(gathered: list[tuple[list[int], dict[str, np.ndarray], float]], local: Mapping[str, Any]
+                  ) -> tuple[dict[str, np.ndarray], float]:
     order = np.concatenate([np.asarray(idx, dtype=np.int64) for idx, _, _ in gathered])
     keys = next((out.keys() for _, out, _ in gathered if out), local.keys())
     merged = {}
     for key in keys:
-        merged[key] = np.empty_like(np.concatenate([out[key] for _, out, _ in gathered if key in out]))
-        merged[key][order] = np.concatenate([out[key] for _, out, _ in gathered if key in out])
-    slowest = max(s for _, _, s in gathered)
-    return merged, slowest
+        values = np.concatenate([out[key] for _, out, _ in gathered if key in out])
+        merged[key] = np.empty_like(values)
+        merged[key][order] = values
+    return merged, max(s for _, _, s in gathered)

@@ -37,59 +37,37 @@ import time
 from dataclasses import asdict, dataclass
 from typing import Any, Sequence
 
-_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-_SCRIPTS = os.path.join(_ROOT, "scripts")
-for _path in (_ROOT, _SCRIPTS):
-    if _path not in sys.path:
-        sys.path.insert(0, _path)
+import numpy as np
+import torch
+from torch import nn
+from transformers import AutoConfig
 
-import numpy as np  # noqa: E402
-import torch  # noqa: E402
-from tensorboardX import SummaryWriter  # noqa: E402
-from torch import nn  # noqa: E402
-from transformers import (  # noqa: E402
-    AutoConfig, AutoTokenizer, BertConfig, BertForMaskedLM, DistilBertConfig, DistilBertForMaskedLM, GPT2Config,
-    GPT2LMHeadModel, RobertaConfig, RobertaForMaskedLM,
+from common import visualize
+from common.args import (
+    add_distributed_args, check_output_dir, check_precision_flags, check_training_args, parse_with_builtin_defaults,
+    raise_if_problems,
 )
-
-import extract_student  # noqa: E402
-from common import builtin, visualize  # noqa: E402
-from common.args import (  # noqa: E402
-    add_distributed_args, apply_builtin_defaults, check_output_dir, check_training_args, raise_if_problems,
-)
-from common.data import lm  # noqa: E402
-from common.distillation import (  # noqa: E402
+from common.builtin.distill import prepare_builtin
+from common.checkpoint import resolve_resume_path
+from common.cli import save_final_model, script_context
+from common.data import lm
+from common.distillation import (
     clm_labels, fixed_mlm_mask, hidden_cosine, hidden_mse, lm_cross_entropy, masking_probabilities, mlm_mask,
     sequence_nll, soft_cross_entropy,
 )
-from common.distributed import (  # noqa: E402
-    DistContext, all_gather_objects, barrier, cleanup_distributed, main_process_first, setup_distributed,
+from common.distributed import DistContext, all_gather_objects, barrier, main_process_first
+from common.errors import UserError, run_cli
+from common.io import write_json_atomic
+from common.loaders import load_tokenizer, model_saver
+from common.models.student import (
+    CAUSAL_TYPES, FAMILY, MODEL_CLASSES, POSITION_EMBEDDINGS, STUDENT_TYPES, TEACHER_TYPES, TOKEN_TYPE_EMBEDDINGS,
+    load_teacher,
 )
-from common.errors import UserError, run_cli  # noqa: E402
-from common.logging_utils import setup_logging  # noqa: E402
-from common.pretrained import check_model_folder  # noqa: E402
-from common.training import (  # noqa: E402
-    TrainConfig, check_precision_flags, param_groups, predict, resolve_resume_path, save_folder_atomic, set_seed,
-    train, write_json_atomic,
-)
+from common.pretrained import check_model_folder
+from common.training import Stage, TrainConfig, param_groups, predict, train
 
 logger = logging.getLogger("distill")
 
-MODEL_CLASSES = {
-    "distilbert": (DistilBertConfig, DistilBertForMaskedLM),
-    "bert": (BertConfig, BertForMaskedLM),
-    "roberta": (RobertaConfig, RobertaForMaskedLM),
-    "gpt2": (GPT2Config, GPT2LMHeadModel),
-}
-STUDENT_TYPES = ("distilbert", "bert", "roberta", "gpt2")
-TEACHER_TYPES = ("bert", "roberta", "gpt2")
-CAUSAL_TYPES = ("gpt2",)
-FAMILY = {"distilbert": "bert", "bert": "bert", "roberta": "roberta", "gpt2": "gpt2"}
-POSITION_EMBEDDINGS = {"distilbert": "distilbert.embeddings.position_embeddings.weight",
-                       "bert": "bert.embeddings.position_embeddings.weight",
-                       "roberta": "roberta.embeddings.position_embeddings.weight", "gpt2": "transformer.wpe.weight"}
-TOKEN_TYPE_EMBEDDINGS = {"bert": "bert.embeddings.token_type_embeddings.weight",
-                         "roberta": "roberta.embeddings.token_type_embeddings.weight"}
 ADAM_BETAS = (0.9, 0.98)  # the original distiller's AdamW betas
 EVAL_MASK_PROP = 0.15
 EVAL_SEED = 1234  # evaluation masks depend only on this and each example, so every run scores the same positions
@@ -103,10 +81,6 @@ BUILTIN_DEFAULTS = {
     "num_train_epochs": 3.0, "logging_steps": 10, "save_steps": 0, "alpha_ce": 5.0, "alpha_mlm": 2.0,
     "alpha_cos": 1.0, "learning_rate": 5e-4,
 }
-BUILTIN_TEACHER = {"hidden_size": 64, "num_hidden_layers": 6, "num_attention_heads": 4, "intermediate_size": 128,
-                   "max_position_embeddings": 64}
-BUILTIN_TEACHER_STEPS = 600
-BUILTIN_STUDENT_LAYERS = 3
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -211,23 +185,11 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     g.add_argument("--resume_from_checkpoint", default=None, metavar="PATH|latest",
                    help="Continue from a checkpoint folder, or from the newest one in the output folder.")
     add_distributed_args(parser)
-    args = parser.parse_args(argv)
-    if args.data_file is None and args.teacher_name is None:
-        # Only flags the user left out take the demo's values: an explicit "--alpha_mlm 0" stays 0.
-        given = flags_given(parser, argv)
-        apply_builtin_defaults(parser, args, {k: v for k, v in BUILTIN_DEFAULTS.items() if k not in given})
-        if not args.clm:
-            args.mlm = True
+    # Only flags the user left out take the demo's values: an explicit "--alpha_mlm 0" stays 0.
+    args = parse_with_builtin_defaults(parser, argv, BUILTIN_DEFAULTS, ("data_file", "teacher_name"))
+    if args.data_file is None and args.teacher_name is None and not args.clm:
+        args.mlm = True
     return args
-
-
-def flags_given(parser: argparse.ArgumentParser, argv: Sequence[str] | None) -> set[str]:
-    """The destinations of the flags on the command line, even those given their default value (parsing into a
-    namespace prefilled with a marker: argparse fills in defaults only where an attribute is missing)."""
-    unset = object()
-    names = vars(parser.parse_args([]))
-    probe = parser.parse_args(argv, namespace=argparse.Namespace(**{name: unset for name in names}))
-    return {name for name, value in vars(probe).items() if value is not unset}
 
 
 @dataclass(frozen=True)
@@ -321,6 +283,18 @@ def loss_problems(losses: Losses, causal: bool) -> list[str]:
     return problems
 
 
+def load_checked_config(path: str, model_type: str | None, what: str, cache_dir: str | None,
+                        allowed: Sequence[str]) -> Any:
+    """load_config, then the family checked against --<what>_type and the families a <what> can be."""
+    config = load_config(path, model_type, what, cache_dir)
+    if model_type and config.model_type != model_type:
+        raise UserError(f"--{what}_type {model_type} does not match {path}, which configures a "
+                        f"{config.model_type} model")
+    if config.model_type not in allowed:
+        raise UserError(f"{path} configures a {config.model_type} model; {what}s can be {', '.join(allowed)}")
+    return config
+
+
 def load_config(path: str, model_type: str | None, what: str, cache_dir: str | None) -> Any:
     """A model config from a folder (or hub name) or a JSON file; a JSON file without "model_type" (as the
     original training_configs/) needs the type flag."""
@@ -356,7 +330,7 @@ def resolve_run(args: argparse.Namespace, ctx: DistContext) -> Run:
     student and objective fit together."""
     raise_if_problems(flag_problems(args, ctx))
     output_dir = args.output_dir or os.path.join("runs", "distill")
-    problems = check_output_dir(argparse.Namespace(**{**vars(args), "output_dir": output_dir}), True)
+    problems = check_output_dir(output_dir, True, args.overwrite_output_dir, args.resume_from_checkpoint)
     barrier()  # every rank looks at the output folder before rank 0 writes into it
     raise_if_problems(problems)
     if args.fp16_opt_level is not None:
@@ -375,13 +349,8 @@ def resolve_run(args: argparse.Namespace, ctx: DistContext) -> Run:
         student_weights, student_config = args.student_pretrained_weights, args.student_config
 
     check_model_folder(teacher_path)
-    teacher_config = load_config(teacher_path, args.teacher_type, "teacher", args.cache_dir)
+    teacher_config = load_checked_config(teacher_path, args.teacher_type, "teacher", args.cache_dir, TEACHER_TYPES)
     teacher_type = teacher_config.model_type
-    if args.teacher_type and teacher_type != args.teacher_type:
-        raise UserError(f"--teacher_type {args.teacher_type} does not match {teacher_path}, which holds a "
-                        f"{teacher_type} model")
-    if teacher_type not in TEACHER_TYPES:
-        raise UserError(f"{teacher_path} holds a {teacher_type} model; teachers can be {', '.join(TEACHER_TYPES)}")
     if student_weights is not None and os.path.isdir(student_weights):
         check_model_folder(student_weights)
     elif student_weights is not None and not os.path.isfile(student_weights):
@@ -389,14 +358,8 @@ def resolve_run(args: argparse.Namespace, ctx: DistContext) -> Run:
     config_source = student_config or student_weights
     if config_source is None or (os.path.isfile(config_source) and student_config is None):
         raise UserError("a student weights file needs --student_config (only a folder carries its own config)")
-    s_config = load_config(config_source, args.student_type, "student", args.cache_dir)
+    s_config = load_checked_config(config_source, args.student_type, "student", args.cache_dir, STUDENT_TYPES)
     student_type = s_config.model_type
-    if args.student_type and student_type != args.student_type:
-        raise UserError(f"--student_type {args.student_type} does not match {config_source}, which configures a "
-                        f"{student_type} model")
-    if student_type not in STUDENT_TYPES:
-        raise UserError(f"{config_source} configures a {student_type} model; students can be "
-                        f"{', '.join(STUDENT_TYPES)}")
 
     causal = student_type in CAUSAL_TYPES
     if args.mlm and causal:
@@ -426,89 +389,7 @@ def resolve_run(args: argparse.Namespace, ctx: DistContext) -> Run:
 
 
 # ----------------------------------------------------------------------------------------------------------
-# the built-in default
-
-
-def prepare_builtin(ctx: DistContext, base: str) -> dict[str, str]:
-    """The demo's inputs in `base` (made once, reused by later runs): the built-in corpus, a word-level
-    tokenizer, a 6-layer BERT teacher trained briefly as a masked LM on the corpus, the corpus binarized, and a
-    3-layer DistilBERT student initialized from teacher layers 0, 2 and 5."""
-    paths = {"data_file": os.path.join(base, "data", "train.bin"), "eval": os.path.join(base, "data", "eval.txt"),
-             "teacher": os.path.join(base, "teacher"), "student": os.path.join(base, "student")}
-    logger.warning("No --data_file/--teacher_name: running the built-in demo in %s (a generated corpus, a small "
-                   "BERT teacher trained on it first, a DistilBERT student made from its layers)", base)
-    with main_process_first(ctx):
-        if ctx.is_main and not os.path.isfile(os.path.join(paths["student"], "model.safetensors")):
-            logger.info("Building the demo's corpus, teacher and student (once; later runs reuse them)")
-            train_txt, _ = lm.write_builtin_corpus(os.path.join(base, "data"))
-            tokenizer = builtin.write_word_tokenizer(paths["teacher"], lm.builtin_words(),
-                                                     model_max_length=BUILTIN_TEACHER["max_position_embeddings"])
-            lm.binarize_file(train_txt, tokenizer, paths["data_file"], show_progress=False)
-            teacher = pretrain_builtin_teacher(ctx, paths["teacher"], paths["data_file"], tokenizer)
-            layers = extract_student.default_layers(BUILTIN_TEACHER["num_hidden_layers"], BUILTIN_STUDENT_LAYERS)
-            student, report = extract_student.extract(teacher, "distilbert", layers)
-
-            def save(folder: str) -> None:
-                student.save_pretrained(folder)
-                tokenizer.save_pretrained(folder)
-                write_json_atomic(os.path.join(folder, "extraction.json"), report)
-
-            save_folder_atomic(save, paths["student"])
-    return paths
-
-
-def pretrain_builtin_teacher(ctx: DistContext, folder: str, data_file: str, tokenizer: Any) -> nn.Module:
-    """Train the demo's teacher as a plain masked LM on the built-in corpus, in this process alone, and save it
-    into `folder`."""
-    torch.manual_seed(0)
-    teacher = BertForMaskedLM(builtin.tiny_bert_config(len(tokenizer), **BUILTIN_TEACHER)).to(ctx.device)
-    result = train_masked_lm(ctx, teacher, data_file, tokenizer, steps=BUILTIN_TEACHER_STEPS, learning_rate=3e-3,
-                             batch_size=32, max_len=BUILTIN_TEACHER["max_position_embeddings"],
-                             output_dir=os.path.dirname(folder))
-    logger.info("Built-in teacher: %d masked-LM steps, average loss %.3f", result.global_step, result.average_loss)
-    teacher.save_pretrained(folder)
-    return teacher.cpu()
-
-
-def train_masked_lm(ctx: DistContext, model: BertForMaskedLM, data_file: str, tokenizer: Any, steps: int,
-                    learning_rate: float, batch_size: int, max_len: int, output_dir: str, seed: int = 0) -> Any:
-    """Plain masked-LM training (BERT's 15% uniform masking, 80/10/10) of the parameters of a BertForMaskedLM
-    that require grad, in this process alone: how the demo's teacher learns its corpus (and the benchmark's
-    teacher its new LM head). Returns the shared loop's TrainResult."""
-    local = DistContext(device=ctx.device)
-    data = lm.LmDataset(lm.TokenFile(data_file), max_len, tokenizer.unk_token_id)
-    probs = masking_probabilities(np.ones(len(tokenizer)), 0.0, tokenizer.all_special_ids).to(ctx.device)
-    pred_probs = torch.tensor([0.8, 0.1, 0.1], device=ctx.device)
-
-    def mlm_step(model: nn.Module, batch: dict[str, torch.Tensor], state: Any) -> torch.Tensor:
-        ids, lengths = data.collate(batch["index"].tolist(), tokenizer.pad_token_id)
-        ids, lengths = ids.to(ctx.device), lengths.to(ctx.device)
-        mask = (torch.arange(ids.shape[1], device=ctx.device)[None, :] < lengths[:, None]).long()
-        inputs, labels = mlm_mask(ids, mask, probs, 0.15, pred_probs, tokenizer.mask_token_id, len(tokenizer))
-        hidden = model.bert(input_ids=inputs, attention_mask=mask).last_hidden_state
-        # The head only where there is something to predict: over a large vocabulary the projection dominates.
-        chosen = labels != -100
-        return lm_cross_entropy(model.cls(hidden[chosen]), labels[chosen], causal=False)
-
-    cfg = TrainConfig(output_dir=output_dir, per_device_batch_size=batch_size, learning_rate=learning_rate,
-                      max_steps=steps, warmup_proportion=0.05, logging_steps=0, save_steps=0, seed=seed,
-                      checkpoint_prefix="masked-lm")
-    return train(local, cfg, model, {"index": torch.arange(len(data))}, mlm_step,
-                 param_groups(model.named_parameters(), learning_rate, 0.0), lambda _: None)
-
-
-# ----------------------------------------------------------------------------------------------------------
 # models and data
-
-
-def load_tokenizer(path: str, cache_dir: str | None) -> Any:
-    try:
-        tokenizer = AutoTokenizer.from_pretrained(path, cache_dir=cache_dir)
-    except (OSError, ValueError) as err:
-        raise UserError(f"cannot load a tokenizer from {path}: {str(err).splitlines()[0]}") from None
-    if not getattr(tokenizer, "is_fast", False):
-        raise UserError(f"the tokenizer in {path} has no fast (Rust) version")
-    return tokenizer
 
 
 def load_student(args: argparse.Namespace, run: Run) -> nn.Module:
@@ -641,99 +522,76 @@ def distillation_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor
     return total, terms
 
 
-class LossMeter:
-    """Running sums of the loss terms, tokens and padding since the last log, and over the whole run."""
+class DistillStep:
+    """The loss step for common.training.train: runs student and teacher on the batch its batch source made
+    (masked for MLM, labelled for CLM) and returns the loss mix with each term (tensors: the loop averages them
+    over the logging window, with no host sync per micro-batch)."""
 
-    def __init__(self) -> None:
-        self.window: dict[str, float] = {}
-        self.batches = 0
-        self.tokens = self.padded = 0
-        self.total_tokens = self.total_padded = 0
-        self.since = time.perf_counter()
+    def __init__(self, run: Run, teacher: nn.Module) -> None:
+        self.run, self.teacher = run, teacher
+        self.hidden = run.losses.alpha_cos > 0
 
-    def add(self, terms: dict[str, torch.Tensor], tokens: int, padded: int) -> None:
-        for name, value in terms.items():
-            self.window[name] = self.window.get(name, 0.0) + float(value.detach())
-        self.batches += 1
-        self.tokens += tokens
-        self.padded += padded
-        self.total_tokens += tokens
-        self.total_padded += padded
+    def __call__(self, model: nn.Module, batch: dict[str, torch.Tensor], state: Any
+                 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        inputs, attention_mask = batch["input_ids"], batch["attention_mask"]
+        student = model(input_ids=inputs, attention_mask=attention_mask, output_hidden_states=self.hidden)
+        with torch.no_grad():
+            teacher = self.teacher(input_ids=inputs, attention_mask=attention_mask, output_hidden_states=self.hidden)
+        return distillation_loss(
+            student.logits, teacher.logits, student.hidden_states[-1] if self.hidden else None,
+            teacher.hidden_states[-1] if self.hidden else None, attention_mask, batch["labels"], self.run.losses,
+            self.run.causal)
 
-    def flush(self, ctx: DistContext) -> dict[str, float]:
-        """Averages over every rank since the last flush, tokens/s of all ranks, padding share, memory."""
+
+def batch_source(args: argparse.Namespace, run: Run, data: lm.LmDataset, tokenizer: Any, vocab_size: int,
+                 token_probs: torch.Tensor | None, max_len: int, device: torch.device) -> lm.LmBatches:
+    """Length-grouped batches (unless --no_group_by_size), masked as DistilBERT does (MLM) or labelled (CLM)."""
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.unk_token_id
+    if run.causal:
+        label = clm_labels_pair
+    else:
+        probs = token_probs.to(device)
+        pred_probs = torch.tensor([args.word_mask, args.word_keep, args.word_rand], device=device)
+
+        def label(ids: torch.Tensor, attention_mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+            return mlm_mask(ids, attention_mask, probs, args.mlm_mask_prop, pred_probs, tokenizer.mask_token_id,
+                            vocab_size)
+    return lm.LmBatches(data, args.per_gpu_train_batch_size, args.seed, pad_id, label, args.group_by_size, max_len)
+
+
+def clm_labels_pair(ids: torch.Tensor, attention_mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    return ids, clm_labels(ids, attention_mask)
+
+
+class Throughput:
+    """on_log: tokens/s of all ranks, padding share and memory since the last log (the batch source counts
+    tokens on the host; one gather per log)."""
+
+    def __init__(self, ctx: DistContext, batches: lm.LmBatches) -> None:
+        self.ctx, self.batches, self.since = ctx, batches, time.perf_counter()
+
+    def __call__(self, state: Any) -> dict[str, float]:
         seconds = time.perf_counter() - self.since
-        mine = (self.window, self.batches, self.tokens, self.padded, seconds)
-        everyone = all_gather_objects(mine, ctx)
-        batches = sum(b for _, b, _, _, _ in everyone)
-        out = {name: sum(w.get(name, 0.0) for w, *_ in everyone) / max(batches, 1) for name in self.window}
-        tokens = sum(t for _, _, t, _, _ in everyone)
-        padded = sum(p for _, _, _, p, _ in everyone)
-        out["tokens_per_second"] = tokens / max(max(s for *_, s in everyone), 1e-9)
-        out["padding_share"] = 1.0 - tokens / max(padded, 1)
+        everyone = all_gather_objects((*self.batches.take_counts(), seconds), self.ctx)
+        tokens, padded = sum(t for t, _, _ in everyone), sum(p for _, p, _ in everyone)
+        out = {"tokens_per_second": tokens / max(max(s for *_, s in everyone), 1e-9),
+               "padding_share": 1.0 - tokens / max(padded, 1)}
         out.update({f"memory_{k}": v for k, v in lm.approx_rss_mb().items()})
-        if ctx.device.type == "cuda":
-            out["memory_cuda_max_allocated_mb"] = torch.cuda.max_memory_allocated(ctx.device) / 2**20
-        self.window, self.batches, self.tokens, self.padded = {}, 0, 0, 0
+        if self.ctx.device.type == "cuda":
+            out["memory_cuda_max_allocated_mb"] = torch.cuda.max_memory_allocated(self.ctx.device) / 2**20
         self.since = time.perf_counter()
         return out
 
 
-class DistillStep:
-    """The loss step for common.training.train: builds the batch from the sequence indices, masks it (MLM) or
-    labels it (CLM), runs student and teacher, and returns the loss mix."""
-
-    def __init__(self, run: Run, args: argparse.Namespace, data: lm.LmDataset, teacher: nn.Module, tokenizer: Any,
-                 token_probs: torch.Tensor | None, device: torch.device) -> None:
-        self.run, self.data, self.teacher, self.device = run, data, teacher, device
-        self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.unk_token_id
-        self.mask_id = tokenizer.mask_token_id
-        self.vocab_size = teacher.config.vocab_size
-        self.token_probs = token_probs.to(device) if token_probs is not None else None
-        self.pred_probs = torch.tensor([args.word_mask, args.word_keep, args.word_rand], device=device)
-        self.mask_prop = args.mlm_mask_prop
-        self.hidden = run.losses.alpha_cos > 0
-        self.meter = LossMeter()
-
-    def batch(self, indices: Sequence[int]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """(input ids, attention mask, labels) for these sequences, on the device."""
-        ids, lengths = self.data.collate(indices, self.pad_id)
-        ids, lengths = ids.to(self.device), lengths.to(self.device)
-        attention_mask = (torch.arange(ids.shape[1], device=self.device)[None, :] < lengths[:, None]).long()
-        if self.run.causal:
-            return ids, attention_mask, clm_labels(ids, attention_mask)
-        inputs, labels = mlm_mask(ids, attention_mask, self.token_probs, self.mask_prop, self.pred_probs,
-                                  self.mask_id, self.vocab_size)
-        return inputs, attention_mask, labels
-
-    def __call__(self, model: nn.Module, batch: dict[str, torch.Tensor], state: Any) -> torch.Tensor:
-        inputs, attention_mask, labels = self.batch(batch["index"].tolist())
-        student = model(input_ids=inputs, attention_mask=attention_mask, output_hidden_states=self.hidden)
-        with torch.no_grad():
-            teacher = self.teacher(input_ids=inputs, attention_mask=attention_mask, output_hidden_states=self.hidden)
-        loss, terms = distillation_loss(
-            student.logits, teacher.logits, student.hidden_states[-1] if self.hidden else None,
-            teacher.hidden_states[-1] if self.hidden else None, attention_mask, labels, self.run.losses,
-            self.run.causal)
-        self.meter.add(terms, int(attention_mask.sum()), int(attention_mask.numel()))
-        return loss
-
-
 def distill(ctx: DistContext, args: argparse.Namespace, run: Run, student: nn.Module, teacher: nn.Module,
-            tokenizer: Any, data: lm.LmDataset, token_probs: torch.Tensor | None, max_len: int) -> dict[str, Any]:
+            tokenizer: Any, data: lm.LmDataset, token_probs: torch.Tensor | None, max_len: int,
+            writer: Any) -> dict[str, Any]:
     """Train the student on the shared loop, with length-grouped batches unless --no_group_by_size."""
-    step = DistillStep(run, args, data, teacher, tokenizer, token_probs, ctx.device)
+    batches = batch_source(args, run, data, tokenizer, teacher.config.vocab_size, token_probs, max_len, ctx.device)
 
-    def save(folder: str) -> None:
-        student.save_pretrained(folder)
-        tokenizer.save_pretrained(folder)
-
+    save = model_saver(student, tokenizer)
     cfg = TrainConfig.from_args(args, output_dir=run.output_dir, warmup_proportion=args.warmup_prop,
-                                save_each_epoch=True, adam_betas=ADAM_BETAS, dynamic_padding=False,
-                                checkpoint_prefix=STAGE)
-    order = lm.grouped_batch_order(data.lengths, max_len, cfg.per_device_batch_size, cfg.seed) \
-        if args.group_by_size else None
-    writer = SummaryWriter(logdir=os.path.join(run.output_dir, "runs")) if ctx.is_main else None
+                                save_each_epoch=True, adam_betas=ADAM_BETAS, dynamic_padding=False)
     if writer is not None:
         writer.add_text("config/training", json.dumps(vars(args), indent=1, default=str), 0)
         writer.add_text("config/student", student.config.to_json_string(), 0)
@@ -741,23 +599,17 @@ def distill(ctx: DistContext, args: argparse.Namespace, run: Run, student: nn.Mo
                 run.student_type, count_parameters(student) / 1e6,
                 sum(p.numel() for p in student.parameters() if p.requires_grad) / 1e6, run.teacher_type,
                 count_parameters(teacher) / 1e6)
-    try:
-        result = train(ctx, cfg, student, {"index": torch.arange(len(data))}, step,
-                       param_groups(student.named_parameters(), args.learning_rate, args.weight_decay), save,
-                       tb_writer=writer, resume_from=run.resume, on_log=lambda state: step.meter.flush(ctx),
-                       batch_order=order)
-    finally:
-        if writer is not None:
-            writer.close()
-    tokens = sum(all_gather_objects((step.meter.total_tokens, step.meter.total_padded), ctx), start=np.zeros(2))
+    stage = Stage(STAGE, DistillStep(run, teacher),
+                  lambda: param_groups(student.named_parameters(), args.learning_rate, args.weight_decay),
+                  on_log=Throughput(ctx, batches))
+    (result,) = train(ctx, cfg, student, [stage], batches, save, tb_writer=writer, resume_from=run.resume)
+    tokens = sum(all_gather_objects((batches.total_tokens, batches.total_padded), ctx), start=np.zeros(2))
     summary = {**asdict(result), "tokens": int(tokens[0]),
                "tokens_per_second": float(tokens[0]) / max(result.seconds, 1e-9),
                "padding_share": float(1.0 - tokens[0] / max(tokens[1], 1)), "group_by_size": args.group_by_size}
-    if ctx.is_main:
-        save_folder_atomic(save, run.output_dir)
-        logger.info("Saved the student to %s (%.0f tokens/s, %.1f%% of each batch padding)", run.output_dir,
-                    summary["tokens_per_second"], 100 * summary["padding_share"])
-    barrier()
+    save_final_model(ctx, save, run.output_dir, what="student")
+    logger.info("%.0f tokens/s, %.1f%% of each batch padding", summary["tokens_per_second"],
+                100 * summary["padding_share"])
     return summary
 
 
@@ -770,6 +622,28 @@ def count_parameters(model: nn.Module) -> int:
 # evaluation
 
 
+class HeldOutBatches:
+    """Evaluation batches of the sequences `order[i]`: masked LM at fixed positions that depend only on each
+    sequence (the same for both models and any number of processes), causal LM at every next token."""
+
+    def __init__(self, data: lm.LmDataset, order: np.ndarray, tokenizer: Any, causal: bool) -> None:
+        self.data, self.order, self.tokenizer, self.causal = data, order, tokenizer, causal
+        self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.unk_token_id
+        self.num_examples = len(order)
+
+    def collate(self, indices: Sequence[int], device: torch.device) -> dict[str, torch.Tensor]:
+        idx = self.order[list(indices)].tolist()
+        ids, lengths = self.data.collate(idx, self.pad_id)
+        mask = (torch.arange(ids.shape[1])[None, :] < lengths[:, None]).long()
+        if self.causal:
+            inputs, labels = ids, clm_labels(ids, mask)
+        else:
+            inputs, labels = fixed_mlm_mask(ids, mask, idx, self.tokenizer.all_special_ids, EVAL_MASK_PROP,
+                                            self.tokenizer.mask_token_id, EVAL_SEED)
+        return {"input_ids": inputs.to(device), "attention_mask": mask.to(device), "labels": labels.to(device),
+                "tokens": lengths.to(device)}
+
+
 def evaluate(ctx: DistContext, args: argparse.Namespace, run: Run, student: nn.Module, teacher: nn.Module,
              tokenizer: Any, max_len: int) -> dict[str, Any]:
     """Perplexity of teacher and student on the held-out file (masked LM: the same fixed 15% of each sequence's
@@ -777,33 +651,24 @@ def evaluate(ctx: DistContext, args: argparse.Namespace, run: Run, student: nn.M
     data = eval_corpus(ctx, run, tokenizer, max_len)
     logger.info("Evaluation data: %s", data.describe())
     order = np.argsort(data.lengths, kind="stable")  # similar lengths together: less padding, fairer timing
-    dataset = {"index": torch.from_numpy(order)}
-    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.unk_token_id
+    held_out = HeldOutBatches(data, order, tokenizer, run.causal)
     bs = args.per_gpu_eval_batch_size
 
     def step_for(model: nn.Module):
         def step(batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-            idx = batch["index"].cpu()
-            ids, lengths = data.collate(idx.tolist(), pad_id)
-            mask = (torch.arange(ids.shape[1])[None, :] < lengths[:, None]).long()
-            if run.causal:
-                inputs, labels = ids, clm_labels(ids, mask)
-            else:
-                inputs, labels = fixed_mlm_mask(ids, mask, idx.tolist(), tokenizer.all_special_ids, EVAL_MASK_PROP,
-                                                tokenizer.mask_token_id, EVAL_SEED)
-            logits = model(input_ids=inputs.to(ctx.device), attention_mask=mask.to(ctx.device)).logits
-            nll, count = sequence_nll(logits, labels.to(ctx.device), run.causal)
-            return {"nll": nll, "count": count, "tokens": lengths.to(ctx.device)}
+            logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+            nll, count = sequence_nll(logits, batch["labels"], run.causal)
+            return {"nll": nll, "count": count, "tokens": batch["tokens"]}
         return step
 
     results: dict[str, Any] = {"eval_file": run.eval_file, "objective": "clm" if run.causal else "mlm",
                                "sequences": len(data), "data": data.stats}
     for name, model in (("teacher", teacher), ("student", student)):
         model.eval()
-        warm = {"index": dataset["index"][-min(bs, len(data)):]}  # the longest batch, untimed
+        warm = HeldOutBatches(data, order[-min(bs, len(data)):], tokenizer, run.causal)  # the longest batch
         predict(ctx, warm, bs, step_for(model), dynamic_padding=False, desc="warm-up", fp16=args.fp16,
                 bf16=args.bf16)
-        out, seconds = predict(ctx, dataset, bs, step_for(model), dynamic_padding=False, desc=f"eval {name}",
+        out, seconds = predict(ctx, held_out, bs, step_for(model), dynamic_padding=False, desc=f"eval {name}",
                                fp16=args.fp16, bf16=args.bf16)
         nll, count, tokens = float(out["nll"].sum()), int(out["count"].sum()), int(out["tokens"].sum())
         results[name] = {"perplexity": math.exp(nll / max(count, 1)), "loss": nll / max(count, 1),
@@ -853,21 +718,10 @@ def write_results(ctx: DistContext, run: Run, results: dict[str, Any]) -> None:
 
 def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     args = parse_args(argv)
-    ctx = setup_distributed(args.no_cuda, args.local_rank)
-    try:
-        setup_logging(ctx)
-        run = resolve_run(args, ctx)
-        if ctx.is_main:
-            os.makedirs(run.output_dir, exist_ok=True)
-            if not run.resume and os.path.isfile(os.path.join(run.output_dir, "log_history.jsonl")):
-                os.remove(os.path.join(run.output_dir, "log_history.jsonl"))  # a fresh run: not the old one's log
-            write_json_atomic(os.path.join(run.output_dir, "run_args.json"),
-                              {"argv": list(sys.argv if argv is None else argv), "args": vars(args),
-                               "resolved": asdict(run), "world_size": ctx.world_size, "device": str(ctx.device)})
-        barrier()
-        set_seed(args.seed)
+    with script_context(args, argv, resolve_run) as (session, run):
+        ctx = session.ctx
         tokenizer = load_tokenizer(run.tokenizer_path, args.cache_dir)
-        teacher = extract_student.load_teacher(run.teacher_path, run.teacher_type, args.cache_dir).to(ctx.device)
+        teacher = load_teacher(run.teacher_path, run.teacher_type, args.cache_dir).to(ctx.device)
         teacher.eval().requires_grad_(False)
         student = load_student(args, run).to(ctx.device)
         frozen = freeze_embeddings(student, args, run.student_type)
@@ -883,7 +737,8 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         results: dict[str, Any] = {"student_type": run.student_type, "teacher": run.teacher_path,
                                    "objective": "clm" if run.causal else "mlm", "losses": asdict(run.losses),
                                    "max_model_input_size": max_len, "frozen": frozen, "data": data.stats}
-        results["train"] = distill(ctx, args, run, student, teacher, tokenizer, data, token_probs, max_len)
+        results["train"] = distill(ctx, args, run, student, teacher, tokenizer, data, token_probs, max_len,
+                                   session.writer())
         if run.eval_file:
             results["eval"] = evaluate(ctx, args, run, student, teacher, tokenizer, max_len)
             e = results["eval"]
@@ -892,8 +747,6 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
                         100 * e["student_vs_teacher"]["parameters"], e["student_vs_teacher"]["speedup"])
         write_results(ctx, run, results)
         return results
-    finally:
-        cleanup_distributed()
 
 
 if __name__ == "__main__":

@@ -25,42 +25,37 @@ import logging
 import os
 import sys
 from dataclasses import dataclass
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
-_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-if _ROOT not in sys.path:
-    sys.path.insert(0, _ROOT)
+import numpy as np
+import torch
+from transformers import AutoConfig
 
-import numpy as np  # noqa: E402
-import torch  # noqa: E402
-from tensorboardX import SummaryWriter  # noqa: E402
-from transformers import AutoConfig, AutoTokenizer  # noqa: E402
-
-from common import builtin, visualize  # noqa: E402
-from common.args import (  # noqa: E402
-    add_distributed_args, add_model_args, add_training_args, apply_builtin_defaults, check_output_dir,
-    check_training_args, raise_if_problems,
+from common import visualize
+from common.args import (
+    add_distributed_args, add_model_args, add_run_args, add_training_args, check_output_dir, check_run_args,
+    parse_with_builtin_defaults, raise_if_problems,
 )
-from common.caching import file_identity, load_and_cache_examples, tokenizer_identity  # noqa: E402
-from common.data import glue  # noqa: E402
-from common.distributed import (  # noqa: E402
-    DistContext, barrier, cleanup_distributed, main_process_first, setup_distributed,
-)
-from common.errors import UserError, run_cli  # noqa: E402
-from common.logging_utils import setup_logging  # noqa: E402
-from common.models.highway import EarlyExitModel, EntropyExit, ExitRule, PatienceExit  # noqa: E402
-from common.pretrained import check_model_folder  # noqa: E402
-from common.training import (  # noqa: E402
-    TrainConfig, check_precision_flags, find_checkpoints, param_groups, predict, read_checkpoint_state,
-    resolve_resume_path, save_folder_atomic, set_seed, train, write_json_atomic, write_text_atomic,
-)
+from common.builtin import glue as builtin
+from common.caching import file_identity, load_and_cache_examples, tokenizer_identity
+from common.checkpoint import resolve_resume_path
+from common.cli import build_on_main, evaluate_checkpoints, save_final_model, script_context
+from common.data import glue
+from common.data.glue import eval_tasks
+from common.distributed import DistContext, barrier
+from common.errors import UserError, run_cli
+from common.io import write_json_atomic, write_text_atomic
+from common.loaders import load_tokenizer as load_fast_tokenizer
+from common.loaders import model_saver
+from common.models.highway import STAGE1, STAGE2, EarlyExitModel, EntropyExit, ExitRule, PatienceExit
+from common.pretrained import check_model_folder
+from common.training import Stage, TrainConfig, TrainResult, param_groups, predict, train
 
 logger = logging.getLogger("run_glue_early_exit")
 
 MODEL_TYPES = ("bert", "roberta")
 DEFAULT_ENTROPY_SWEEP = (0.0, 0.05, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7)
 DEFAULT_PATIENCE_SWEEP = (1, 2, 3, 4)
-STAGE1, STAGE2 = "checkpoint-stage1", "checkpoint-stage2"
 
 
 # The built-in demo trains a tiny BERT from scratch: it needs a larger learning rate and more epochs than
@@ -81,13 +76,13 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     g.add_argument("--max_seq_length", default=128, type=int, help="Longest tokenized input; longer is cut.")
     add_training_args(parser)
     add_distributed_args(parser)
-    g = parser.add_argument_group("DeeBERT")
-    g.add_argument("--do_train", action="store_true", help="Train both stages.")
-    g.add_argument("--do_eval", action="store_true", help="Evaluate on the dev set.")
-    g.add_argument("--evaluate_during_training", action="store_true",
-                   help="Evaluate the final classifier at every logging step of stage one.")
+    g = add_run_args(parser, "DeeBERT", "Train both stages.", "Evaluate on the dev set.",
+                     "Evaluate the final classifier at every logging step of stage one.")
     g.add_argument("--eval_after_first_stage", action="store_true",
                    help="Evaluate the final classifier between the two training stages.")
+    g.add_argument("--off_ramp_learning_rate", type=float, default=None,
+                   help="Learning rate of stage two (the off-ramps on the frozen backbone); default: "
+                        "--learning_rate. Fresh heads often need a larger one than fine-tuning.")
     g.add_argument("--eval_each_highway", action="store_true",
                    help="Report the metric of every exit (off-ramp) layer.")
     g.add_argument("--eval_highway", action="store_true",
@@ -100,14 +95,9 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
                    help="PABEE patience value(s): exit once this many consecutive off-ramps agree.")
     g.add_argument("--regression_threshold", type=float, default=0.1,
                    help="PABEE on regression tasks: predictions closer than this count as agreeing.")
-    g.add_argument("--eval_all_checkpoints", action="store_true",
-                   help="Also evaluate every checkpoint-* folder in --output_dir.")
     g.add_argument("--plot_data_dir", default=None,
                    help="Where the sweep JSON and plots go (default: --output_dir).")
-    args = parser.parse_args(argv)
-    if args.model_name_or_path is None and args.data_dir is None:
-        apply_builtin_defaults(parser, args, BUILTIN_DEFAULTS)
-    return args
+    return parse_with_builtin_defaults(parser, argv, BUILTIN_DEFAULTS)
 
 
 @dataclass(frozen=True)
@@ -154,13 +144,8 @@ def exit_rules(args: argparse.Namespace, regression: bool) -> tuple[tuple[ExitRu
 
 def resolve_run(args: argparse.Namespace, ctx: DistContext) -> Run:
     """Validate the flags (every problem in one error) and fill in the built-in default."""
-    problems = check_training_args(args)
-    problems += check_precision_flags(args.fp16, args.bf16, ctx.device)
-    if not args.do_train and not args.do_eval:
-        problems.append("nothing to do: add --do_train and/or --do_eval")
+    problems = check_run_args(args, ctx.device)
     use_builtin = args.model_name_or_path is None and args.data_dir is None
-    if not use_builtin and (args.model_name_or_path is None or args.data_dir is None):
-        problems.append("give both --model_name_or_path and --data_dir (or neither, for the built-in demo)")
     task = "sst-2" if use_builtin and args.task_name is None else args.task_name
     if task is None:
         problems.append("--task_name is required with --data_dir (one of " + ", ".join(glue.TASKS) + ")")
@@ -171,14 +156,15 @@ def resolve_run(args: argparse.Namespace, ctx: DistContext) -> Run:
             problems.append(str(err))
     if args.model_type is not None and args.model_type not in MODEL_TYPES:
         problems.append(f"--model_type {args.model_type} is not supported; choose one of {', '.join(MODEL_TYPES)}")
+    if args.off_ramp_learning_rate is not None and not args.off_ramp_learning_rate > 0:
+        problems.append(f"--off_ramp_learning_rate must be a positive number (got {args.off_ramp_learning_rate})")
     if args.max_seq_length < 8:
         problems.append(f"--max_seq_length {args.max_seq_length} is too short (at least 8)")
     regression = task in glue.TASKS and glue.get_task(task).output_mode == "regression"
     rules, rule_problems = exit_rules(args, regression)
     problems += rule_problems
     output_dir = args.output_dir or os.path.join("runs", "glue_early_exit")
-    args_for_check = argparse.Namespace(**{**vars(args), "output_dir": output_dir})
-    problems += check_output_dir(args_for_check, args.do_train)
+    problems += check_output_dir(output_dir, args.do_train, args.overwrite_output_dir, args.resume_from_checkpoint)
     if args.data_dir is not None and not os.path.isdir(args.data_dir):
         problems.append(f"--data_dir {args.data_dir} does not exist; point it at the folder holding the task's "
                         ".tsv files (e.g. glue_data/SST-2)")
@@ -193,10 +179,8 @@ def resolve_run(args: argparse.Namespace, ctx: DistContext) -> Run:
     resume = resolve_resume_path(args.resume_from_checkpoint, output_dir) if args.do_train else None
     if use_builtin:
         base = os.path.join(output_dir, "builtin")
-        with main_process_first(ctx):
-            if ctx.is_main:  # the other ranks wait, then use what rank 0 wrote
-                builtin.write_builtin_sst2(os.path.join(base, "data"))
-                builtin.write_builtin_bert(os.path.join(base, "model"))
+        build_on_main(ctx, lambda: (builtin.write_builtin_sst2(os.path.join(base, "data")),
+                                    builtin.write_builtin_bert(os.path.join(base, "model"))))
         data_dir, model_path = os.path.join(base, "data", "SST-2"), os.path.join(base, "model")
         logger.warning("No --model_name_or_path/--data_dir: running the built-in demo (a tiny 6-layer BERT "
                        "built from a config, generated SST-2-format sentiment data) in %s", base)
@@ -251,14 +235,7 @@ def load_model(path: str, args: argparse.Namespace, task: str, for_training: boo
 
 
 def load_tokenizer(path: str, args: argparse.Namespace) -> Any:
-    kwargs = {"do_lower_case": True} if args.do_lower_case else {}
-    try:
-        tokenizer = AutoTokenizer.from_pretrained(path, cache_dir=args.cache_dir or None, **kwargs)
-    except (OSError, ValueError) as err:
-        raise UserError(f"cannot load a tokenizer from {path}: {str(err).splitlines()[0]}") from None
-    if not tokenizer.is_fast:
-        raise UserError(f"the tokenizer in {path} has no fast (Rust) version; features need a fast tokenizer")
-    return tokenizer
+    return load_fast_tokenizer(path, args.cache_dir, args.do_lower_case, "features need a fast tokenizer")
 
 
 def load_features(ctx: DistContext, args: argparse.Namespace, run: Run, tokenizer: Any, eval_task: str,
@@ -293,15 +270,11 @@ def model_inputs(batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
 
 
 def train_stages(ctx: DistContext, args: argparse.Namespace, run: Run, model: EarlyExitModel, tokenizer: Any,
-                 writer: Any) -> dict[str, Any]:
-    """DeeBERT's two stages, either of which may resume from a checkpoint."""
+                 open_writer: Callable[[], Any]) -> dict[str, Any]:
+    """DeeBERT's two stages: (1) backbone and final classifier, (2) the off-ramps on the frozen backbone, at
+    their own learning rate. A resumed run continues in the stage its checkpoint belongs to."""
     train_set = load_features(ctx, args, run, tokenizer, run.task, "train")
-    resume_stage = read_checkpoint_state(run.resume).stage if run.resume else None
-
-    def save(folder: str) -> None:
-        model.save_pretrained(folder)
-        tokenizer.save_pretrained(folder)
-
+    save = model_saver(model, tokenizer)
     summary: dict[str, Any] = {}
 
     def evaluate_now(state: Any) -> dict[str, float]:
@@ -309,39 +282,32 @@ def train_stages(ctx: DistContext, args: argparse.Namespace, run: Run, model: Ea
         model.train()
         return {f"eval_{k}": v for k, v in metrics.items()}
 
-    on_log = evaluate_now if args.evaluate_during_training else None
-
-    if resume_stage != STAGE2:
-        model.set_stage(1)
-        cfg = TrainConfig.from_args(args, output_dir=run.output_dir, checkpoint_prefix=STAGE1, tb_prefix="stage1/")
-        result = train(ctx, cfg, model, train_set, lambda m, b, s: m(**b)["loss"],
-                       param_groups(model.named_parameters(), args.learning_rate, args.weight_decay), save,
-                       tb_writer=writer, resume_from=run.resume if resume_stage == STAGE1 else None,
-                       stage_index=1, on_log=on_log)
+    def stage_one_done(result: TrainResult) -> None:
         summary["stage1"] = result.__dict__
         if args.eval_after_first_stage:
             summary["after_first_stage"] = evaluate_final_head(ctx, args, run, model, tokenizer)
             logger.info("After stage one: %s", summary["after_first_stage"])
-    model.set_stage(2)
-    cfg = TrainConfig.from_args(args, output_dir=run.output_dir, checkpoint_prefix=STAGE2, tb_prefix="stage2/")
-    result = train(ctx, cfg, model, train_set, lambda m, b, s: m(**b, train_off_ramps=True)["loss"],
-                   param_groups(model.named_parameters(), args.learning_rate, args.weight_decay), save,
-                   tb_writer=writer, resume_from=run.resume if resume_stage == STAGE2 else None, stage_index=2)
-    summary["stage2"] = result.__dict__
+
+    def groups(learning_rate: float) -> Callable[[], list[dict[str, Any]]]:
+        return lambda: param_groups(model.named_parameters(), learning_rate, args.weight_decay)
+
+    stages = [
+        Stage(STAGE1, lambda m, batch, state: m(**batch)["loss"], groups(args.learning_rate),
+              enter=lambda: model.set_stage(1), on_log=evaluate_now if args.evaluate_during_training else None,
+              on_end=stage_one_done, tb_prefix="stage1/"),
+        Stage(STAGE2, lambda m, batch, state: m(**batch, train_off_ramps=True)["loss"],
+              groups(args.off_ramp_learning_rate or args.learning_rate), enter=lambda: model.set_stage(2),
+              on_end=lambda result: summary.__setitem__("stage2", result.__dict__), tb_prefix="stage2/"),
+    ]
+    train(ctx, TrainConfig.from_args(args, output_dir=run.output_dir), model, stages, train_set, save,
+          tb_writer=open_writer(), resume_from=run.resume)
     model.set_stage(0)
-    if ctx.is_main:
-        save_folder_atomic(save, run.output_dir)
-        logger.info("Saved the trained model to %s", run.output_dir)
-    barrier()  # the other ranks reload this folder for evaluation
+    save_final_model(ctx, save, run.output_dir)
     return summary
 
 
 # ----------------------------------------------------------------------------------------------------------
 # evaluation
-
-
-def eval_tasks(task: str) -> list[str]:
-    return ["mnli", "mnli-mm"] if task == "mnli" else [task]
 
 
 def predictions(task: str, logits: np.ndarray) -> np.ndarray:
@@ -469,50 +435,29 @@ def evaluate_all(ctx: DistContext, args: argparse.Namespace, run: Run, model: Ea
 
 def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     args = parse_args(argv)
-    ctx = setup_distributed(args.no_cuda, args.local_rank)
-    try:
-        setup_logging(ctx)
-        run = resolve_run(args, ctx)
-        set_seed(args.seed)
-        if ctx.is_main:
-            os.makedirs(run.output_dir, exist_ok=True)
-            write_json_atomic(os.path.join(run.output_dir, "run_args.json"),
-                              {"argv": list(sys.argv if argv is None else argv), "args": vars(args),
-                               "resolved": run.__dict__ | {"rules": [r.label for r in run.rules]},
-                               "world_size": ctx.world_size, "device": str(ctx.device)})
+    with script_context(args, argv, resolve_run) as (session, run):
+        ctx = session.ctx
         logger.info("Task %s, model %s, data %s, output %s, %d process(es) on %s", run.task, run.model_path,
                     run.data_dir, run.output_dir, ctx.world_size, ctx.device)
         results: dict[str, Any] = {"task": run.task, "model": run.model_path}
+        eval_path = run.model_path
         if args.do_train:
             source = run.resume or run.model_path
             model = load_model(source, args, run.task, for_training=True).to(ctx.device)
             tokenizer = load_tokenizer(run.resume or run.tokenizer_path, args)
-            writer = SummaryWriter(logdir=os.path.join(run.output_dir, "runs")) if ctx.is_main else None
-            try:
-                results["train"] = train_stages(ctx, args, run, model, tokenizer, writer)
-            finally:
-                if writer is not None:
-                    writer.close()
+            results["train"] = train_stages(ctx, args, run, model, tokenizer, session.writer)
             eval_path = run.output_dir
-        else:
-            eval_path = run.model_path
         if args.do_eval:
             model = load_model(eval_path, args, run.task).to(ctx.device)
             tokenizer = load_tokenizer(eval_path if args.do_train else run.tokenizer_path, args)
             results["eval"] = evaluate_all(ctx, args, run, model, tokenizer)
             if args.eval_all_checkpoints:
-                results["checkpoints"] = {}
-
-                for ckpt in find_checkpoints(run.output_dir):
-                    ckpt_model = load_model(ckpt, args, run.task).to(ctx.device)
-                    results["checkpoints"][os.path.basename(ckpt)] = evaluate_final_head(
-                        ctx, args, run, ckpt_model, tokenizer)
+                results["checkpoints"] = evaluate_checkpoints(run.output_dir, lambda ckpt: evaluate_final_head(
+                    ctx, args, run, load_model(ckpt, args, run.task).to(ctx.device), tokenizer))
             write_results(run, results, ctx)
             for name, task_result in results["eval"].items():
                 logger.info("***** %s: %s *****", name, task_result["metrics"])
         return results
-    finally:
-        cleanup_distributed()
 
 
 if __name__ == "__main__":

@@ -31,36 +31,31 @@ import math
 import os
 import sys
 from dataclasses import dataclass
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
-_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-if _ROOT not in sys.path:
-    sys.path.insert(0, _ROOT)
+import torch
+import torch.nn.functional as F
+from transformers import AutoModelForQuestionAnswering
 
-import torch  # noqa: E402
-import torch.nn.functional as F  # noqa: E402
-from tensorboardX import SummaryWriter  # noqa: E402
-from transformers import AutoModelForQuestionAnswering, AutoTokenizer  # noqa: E402
-
-from common import visualize  # noqa: E402
-from common.args import (  # noqa: E402
-    add_distributed_args, add_model_args, add_training_args, apply_builtin_defaults, check_output_dir,
-    check_training_args, raise_if_problems,
+from common import visualize
+from common.args import (
+    add_distributed_args, add_model_args, add_run_args, add_training_args, check_output_dir, check_run_args,
+    parse_with_builtin_defaults, raise_if_problems,
 )
-from common.caching import file_identity, load_and_cache_examples, tokenizer_identity  # noqa: E402
-from common.data import squad  # noqa: E402
-from common.distillation import soft_cross_entropy  # noqa: E402
-from common.distributed import (  # noqa: E402
-    DistContext, barrier, broadcast_object, cleanup_distributed, main_process_first, setup_distributed,
-)
-from common.errors import UserError, run_cli  # noqa: E402
-from common.logging_utils import setup_logging  # noqa: E402
-from common.models import masked  # noqa: E402
-from common.pretrained import check_model_folder  # noqa: E402
-from common.training import (  # noqa: E402
-    TrainConfig, check_precision_flags, find_checkpoints, param_groups, predict, read_checkpoint_state,
-    resolve_resume_path, save_folder_atomic, set_seed, train, write_json_atomic, write_text_atomic,
-)
+from common.builtin import squad as builtin
+from common.caching import file_identity, load_and_cache_examples, tokenizer_identity
+from common.checkpoint import read_checkpoint_state, resolve_resume_path
+from common.cli import build_on_main, evaluate_checkpoints, save_final_model, script_context
+from common.data import squad
+from common.distillation import soft_cross_entropy
+from common.distributed import DistContext, barrier, broadcast_object
+from common.errors import UserError, run_cli
+from common.io import write_json_atomic, write_text_atomic
+from common.loaders import load_tokenizer as load_fast_tokenizer
+from common.loaders import model_saver
+from common.models import masked
+from common.pretrained import check_model_folder
+from common.training import Stage, TrainConfig, param_groups, predict, train
 
 logger = logging.getLogger("run_squad_pruning")
 
@@ -105,13 +100,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="Name every training question skipped because its answer is not at its answer_start.")
     add_training_args(parser)
     add_distributed_args(parser)
-    g = parser.add_argument_group("run")
-    g.add_argument("--do_train", action="store_true", help="Fine-prune (or fine-tune) on --train_file.")
-    g.add_argument("--do_eval", action="store_true", help="Evaluate on --predict_file.")
-    g.add_argument("--evaluate_during_training", action="store_true",
-                   help="Evaluate at every logging step (EM/F1 in the log and TensorBoard).")
-    g.add_argument("--eval_all_checkpoints", action="store_true",
-                   help="Also evaluate every checkpoint-* folder in --output_dir.")
+    add_run_args(parser, "run", "Fine-prune (or fine-tune) on --train_file.", "Evaluate on --predict_file.",
+                 "Evaluate at every logging step (EM/F1 in the log and TensorBoard).")
     g = parser.add_argument_group("pruning")
     g.add_argument("--pruning_method", default="topK",
                    help="topK (movement pruning), sigmoied_threshold (soft movement pruning), magnitude, "
@@ -149,10 +139,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser = build_parser()
-    args = parser.parse_args(argv)
-    if args.model_name_or_path is None and args.data_dir is None:
-        apply_builtin_defaults(parser, args, BUILTIN_DEFAULTS)
-    return args
+    return parse_with_builtin_defaults(parser, argv, BUILTIN_DEFAULTS)
 
 
 @dataclass(frozen=True)
@@ -175,13 +162,8 @@ class Run:
 
 def resolve_run(args: argparse.Namespace, ctx: DistContext) -> Run:
     """Validate the flags (every problem in one error) and fill in the built-in default."""
-    problems = check_training_args(args)
-    problems += check_precision_flags(args.fp16, args.bf16, ctx.device)
-    if not args.do_train and not args.do_eval:
-        problems.append("nothing to do: add --do_train and/or --do_eval")
+    problems = check_run_args(args, ctx.device)
     use_builtin = args.model_name_or_path is None and args.data_dir is None
-    if not use_builtin and (args.model_name_or_path is None or args.data_dir is None):
-        problems.append("give both --model_name_or_path and --data_dir (or neither, for the built-in demo)")
     model_type = args.model_type
     is_masked_run = model_type is None or model_type.startswith("masked_")
     if model_type is not None and model_type.startswith("masked_"):
@@ -221,7 +203,7 @@ def resolve_run(args: argparse.Namespace, ctx: DistContext) -> Run:
         if not args.temperature > 0:
             problems.append("--temperature must be positive")
     output_dir = args.output_dir or os.path.join("runs", "squad_pruning")
-    problems += check_output_dir(argparse.Namespace(**{**vars(args), "output_dir": output_dir}), args.do_train)
+    problems += check_output_dir(output_dir, args.do_train, args.overwrite_output_dir, args.resume_from_checkpoint)
     train_file = predict_file = None
     if not use_builtin and args.data_dir is not None:
         if not os.path.isdir(args.data_dir):
@@ -252,10 +234,8 @@ def resolve_run(args: argparse.Namespace, ctx: DistContext) -> Run:
     if use_builtin:
         base = os.path.join(output_dir, "builtin")
         data_dir, model_path = os.path.join(base, "data"), os.path.join(base, "model")
-        with main_process_first(ctx):
-            if ctx.is_main:  # the other ranks wait, then use what rank 0 wrote
-                squad.write_builtin_squad(data_dir, version_2=args.version_2_with_negative)
-                squad.write_builtin_squad_model(model_path)
+        build_on_main(ctx, lambda: (builtin.write_builtin_squad(data_dir, version_2=args.version_2_with_negative),
+                                    builtin.write_builtin_squad_model(model_path)))
         version = "v2.0" if args.version_2_with_negative else "v1.1"
         train_file = os.path.join(data_dir, f"train-{version}.json")
         predict_file = os.path.join(data_dir, f"dev-{version}.json")
@@ -279,14 +259,7 @@ def resolve_run(args: argparse.Namespace, ctx: DistContext) -> Run:
 
 
 def load_tokenizer(path: str, args: argparse.Namespace) -> Any:
-    kwargs = {"do_lower_case": True} if args.do_lower_case else {}
-    try:
-        tokenizer = AutoTokenizer.from_pretrained(path, cache_dir=args.cache_dir or None, **kwargs)
-    except (OSError, ValueError) as err:
-        raise UserError(f"cannot load a tokenizer from {path}: {str(err).splitlines()[0]}") from None
-    if not tokenizer.is_fast:
-        raise UserError(f"the tokenizer in {path} has no fast (Rust) version; SQuAD features need its offsets")
-    return tokenizer
+    return load_fast_tokenizer(path, args.cache_dir, args.do_lower_case, "SQuAD features need its offsets")
 
 
 def load_model(path: str, args: argparse.Namespace, expected_type: str | None, flag: str = "--model_type") -> Any:
@@ -392,65 +365,69 @@ def encoder_remaining(model: Any) -> dict[str, Any]:
     return masked.summarize_remaining(masked.remaining_weights(model), masked.encoder_layers_prefix(model))
 
 
-def train_model(ctx: DistContext, args: argparse.Namespace, run: Run, model: Any, tokenizer: Any,
-                teacher: Any) -> dict[str, Any]:
-    """Fine-prune: the script's loss step sets the scheduled threshold, adds distillation and regularization."""
-    train_set, _ = load_features(ctx, args, run, tokenizer, "train")
-    train_set = {k: v for k, v in train_set.items() if k in MODEL_INPUTS + LABELS}
-    writer = SummaryWriter(logdir=os.path.join(run.output_dir, "runs")) if ctx.is_main else None
-    try:
-        return _train(ctx, args, run, model, tokenizer, teacher, train_set, writer)
-    finally:
-        if writer is not None:
-            writer.close()
+class PruningStep:
+    """The loss step of fine-pruning: sets the scheduled threshold (the global top-k cut, if any, recomputed every
+    --global_topk_frequency_compute steps), then adds distillation from the teacher and the regularization of
+    the scores. Its scalars are tensors, averaged over the logging window by the loop (no host sync here); the
+    scheduled values themselves are logged by `on_log`, as they stand at the logging step."""
 
+    def __init__(self, args: argparse.Namespace, run: Run, model: Any, teacher: Any) -> None:
+        self.args, self.run, self.model, self.teacher = args, run, model, teacher
+        self.global_topk = run.masked and args.global_topk
 
-def _train(ctx: DistContext, args: argparse.Namespace, run: Run, model: Any, tokenizer: Any, teacher: Any,
-           train_set: dict[str, torch.Tensor], writer: Any) -> dict[str, Any]:
-    schedule = run.schedule
-    global_method = run.masked and args.global_topk
+    def set_threshold(self, state: Any) -> tuple[float, float]:
+        """The threshold and regularization weight of this step, applied to the model."""
+        # The original counts steps from 1: step s uses the threshold of schedule(s).
+        step = state.global_step + 1
+        threshold, regu_lambda = self.run.schedule(step, state.total_steps)
+        cut = None
+        if self.global_topk:
+            # Recomputed once per due step (not per micro-batch); kept in the train state so that a resumed run
+            # uses the same cut as an uninterrupted one.
+            due = step % self.args.global_topk_frequency_compute == 0 and state.extra.get("global_cut_step") != step
+            if "global_cut" not in state.extra or due:
+                state.extra["global_cut"] = masked.global_score_cut(self.model, threshold)
+                state.extra["global_cut_step"] = step
+            cut = state.extra["global_cut"]
+        masked.set_threshold(self.model, threshold, cut)
+        return threshold, regu_lambda
 
-    def loss_step(m: Any, batch: dict[str, torch.Tensor], state: Any) -> tuple[torch.Tensor, dict[str, float]]:
-        scalars: dict[str, float] = {}
-        regu_lambda = 0.0
-        if run.masked:
-            # The original counts steps from 1: step s uses the threshold of schedule(s).
-            step = state.global_step + 1
-            threshold, regu_lambda = schedule(step, state.total_steps)
-            cut = None
-            if global_method:
-                # Recomputed every --global_topk_frequency_compute steps (once per step under accumulation); kept
-                # in the train state so that a resumed run uses the same cut as an uninterrupted one.
-                due = step % args.global_topk_frequency_compute == 0 and state.extra.get("global_cut_step") != step
-                if "global_cut" not in state.extra or due:
-                    state.extra["global_cut"] = masked.global_score_cut(model, threshold)
-                    state.extra["global_cut_step"] = step
-                cut = state.extra["global_cut"]
-            masked.set_threshold(model, threshold, cut)
-            scalars["threshold"] = threshold
+    def __call__(self, m: Any, batch: dict[str, torch.Tensor], state: Any) -> tuple[torch.Tensor, dict[str, Any]]:
+        args, run, scalars = self.args, self.run, {}
+        regu_lambda = self.set_threshold(state)[1] if run.masked else 0.0
         inputs = model_inputs(batch)
         outputs = m(**inputs, start_positions=batch["start_positions"], end_positions=batch["end_positions"])
         loss = task_loss = outputs.loss
-        if teacher is not None:
+        if self.teacher is not None:
             with torch.no_grad():
-                teacher_out = teacher(**inputs)
+                teacher_out = self.teacher(**inputs)
             distil = (soft_cross_entropy(outputs.start_logits, teacher_out.start_logits, args.temperature)
                       + soft_cross_entropy(outputs.end_logits, teacher_out.end_logits, args.temperature)) / 2
             loss = args.alpha_distil * distil + args.alpha_ce * task_loss
-            scalars["loss_distil"] = float(distil)
+            scalars["loss_distil"] = distil.detach()
         if run.regularization is not None:
-            regu = masked.regularization_term(model, run.regularization)
+            regu = masked.regularization_term(self.model, run.regularization)
             loss = loss + regu_lambda * regu
-            scalars.update(regularization=float(regu), regu_lambda=regu_lambda)
-        if teacher is not None or run.regularization is not None:
-            scalars["loss_ce"] = float(task_loss)
+            scalars["regularization"] = regu.detach()
+        if self.teacher is not None or run.regularization is not None:
+            scalars["loss_ce"] = task_loss.detach()
         return loss, scalars
 
+
+def train_model(ctx: DistContext, args: argparse.Namespace, run: Run, model: Any, tokenizer: Any, teacher: Any,
+                open_writer: Callable[[], Any]) -> dict[str, Any]:
+    """Fine-prune (or fine-tune) in one stage; the mask scores get their own learning rate, no weight decay."""
+    train_set, _ = load_features(ctx, args, run, tokenizer, "train")
+    train_set = {k: v for k, v in train_set.items() if k in MODEL_INPUTS + LABELS}
     measured: dict[int, float] = {}
 
     def on_log(state: Any) -> dict[str, float]:
         values: dict[str, float] = {}
         if run.masked:
+            # The step just taken used the schedule's values at this step number (counted from 1).
+            values["threshold"], regu_lambda = run.schedule(state.global_step, state.total_steps)
+            if run.regularization is not None:
+                values["regu_lambda"] = regu_lambda
             summary = encoder_remaining(model)
             values["remaining/encoder"] = summary["encoder"]["fraction"]
             values.update({f"remaining/layer_{int(k):02d}": v["fraction"] for k, v in summary["layers"].items()})
@@ -461,33 +438,27 @@ def _train(ctx: DistContext, args: argparse.Namespace, run: Run, model: Any, tok
             values.update({f"eval_{k}": v for k, v in metrics.items() if isinstance(v, (int, float))})
         return values
 
-    def save(folder: str) -> None:
-        if run.masked:
-            masked.prepare_config_for_save(model)
-        model.save_pretrained(folder)
-        tokenizer.save_pretrained(folder)
-
+    save = model_saver(model, tokenizer, prepare=(lambda: masked.prepare_config_for_save(model)) if run.masked
+                       else None)
     overrides = [(lambda name: name.endswith("mask_scores"),
                   {"lr": args.mask_scores_learning_rate, "weight_decay": 0.0})]
-    groups = param_groups(model.named_parameters(), args.learning_rate, args.weight_decay, overrides)
-    cfg = TrainConfig.from_args(args, output_dir=run.output_dir, checkpoint_prefix="checkpoint")
-    result = train(ctx, cfg, model, train_set, loss_step, groups, save, tb_writer=writer, resume_from=run.resume,
-                   on_log=on_log if (run.masked or args.evaluate_during_training) else None)
+    stage = Stage("checkpoint", PruningStep(args, run, model, teacher),
+                  lambda: param_groups(model.named_parameters(), args.learning_rate, args.weight_decay, overrides),
+                  on_log=on_log if (run.masked or args.evaluate_during_training) else None)
+    (result,) = train(ctx, TrainConfig.from_args(args, output_dir=run.output_dir), model, [stage], train_set, save,
+                      tb_writer=open_writer(), resume_from=run.resume)
     summary: dict[str, Any] = {"train": result.__dict__, "teacher": run.teacher_path}
     if run.masked:
         # The final model holds the end of the schedule (global top-k recomputed at the final threshold, as the
         # original's evaluation did).
-        final, _ = schedule(result.global_step, result.global_step)
-        cut = masked.global_score_cut(model, final) if global_method else None
+        final, _ = run.schedule(result.global_step, result.global_step)
+        cut = masked.global_score_cut(model, final) if args.global_topk else None
         masked.set_threshold(model, final, cut)
         summary["pruning"] = {**masked.pruning_state(model).to_json(), "regularization": run.regularization,
-                              "global_topk": global_method}
-    if ctx.is_main:
-        save_folder_atomic(save, run.output_dir)
-        logger.info("Saved the trained model to %s", run.output_dir)
-        if run.masked:
-            write_pruning_plots(run, model, result.global_step, measured)
-    barrier()  # the other ranks reload this folder for evaluation
+                              "global_topk": args.global_topk}
+    save_final_model(ctx, save, run.output_dir)
+    if ctx.is_main and run.masked:
+        write_pruning_plots(run, model, result.global_step, measured)
     return summary
 
 
@@ -572,31 +543,22 @@ def write_results(run: Run, results: dict[str, Any], ctx: DistContext) -> None:
 
 def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     args = parse_args(argv)
-    ctx = setup_distributed(args.no_cuda, args.local_rank)
-    try:
-        setup_logging(ctx)
-        run = resolve_run(args, ctx)
-        set_seed(args.seed)
-        if ctx.is_main:
-            os.makedirs(run.output_dir, exist_ok=True)
-            write_json_atomic(os.path.join(run.output_dir, "run_args.json"),
-                              {"argv": list(sys.argv if argv is None else argv), "args": vars(args),
-                               "resolved": run.__dict__, "world_size": ctx.world_size, "device": str(ctx.device)})
+    with script_context(args, argv, resolve_run) as (session, run):
+        ctx = session.ctx
         logger.info("Model %s, data %s / %s, output %s, %s, %d process(es) on %s", run.model_path, run.train_file,
                     run.predict_file, run.output_dir,
                     f"pruning {args.pruning_method}" if run.masked else "dense fine-tuning", ctx.world_size,
                     ctx.device)
         results: dict[str, Any] = {"model": run.model_path, "masked": run.masked,
                                    "version_2_with_negative": args.version_2_with_negative}
+        eval_path = run.model_path
         if args.do_train:
             source = run.resume or run.model_path
             model = load_student(source, args, run).to(ctx.device)
             tokenizer = load_tokenizer(run.resume or run.tokenizer_path, args)
             teacher = load_teacher(args, run, model, ctx.device)
-            results["train"] = train_model(ctx, args, run, model, tokenizer, teacher)
+            results["train"] = train_model(ctx, args, run, model, tokenizer, teacher, session.writer)
             eval_path = run.output_dir
-        else:
-            eval_path = run.model_path
         if args.do_eval:
             model = load_model(eval_path, args, run.model_type).to(ctx.device)
             if not args.do_train and not has_qa_head(eval_path):
@@ -605,17 +567,12 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
             tokenizer = load_tokenizer(eval_path if args.do_train else run.tokenizer_path, args)
             results["eval"] = evaluate(ctx, args, run, model, tokenizer)
             if args.eval_all_checkpoints:
-                results["checkpoints"] = {}
-                for ckpt in find_checkpoints(run.output_dir):
-                    step = read_checkpoint_state(ckpt).global_step
-                    ckpt_model = load_model(ckpt, args, run.model_type).to(ctx.device)
-                    results["checkpoints"][os.path.basename(ckpt)] = evaluate(ctx, args, run, ckpt_model, tokenizer,
-                                                                              prefix=str(step))
+                results["checkpoints"] = evaluate_checkpoints(run.output_dir, lambda ckpt: evaluate(
+                    ctx, args, run, load_model(ckpt, args, run.model_type).to(ctx.device), tokenizer,
+                    prefix=str(read_checkpoint_state(ckpt).global_step)))
             write_results(run, results, ctx)
             logger.info("***** %s *****", results["eval"]["metrics"])
         return results
-    finally:
-        cleanup_distributed()
 
 
 if __name__ == "__main__":

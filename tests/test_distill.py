@@ -21,8 +21,9 @@ import binarize_data
 import distill
 import extract_student
 import token_counts
-from common.data import lm
+from common.builtin import distill as builtin_distill
 from common.errors import UserError, run_cli
+from common.models.student import DISTILBERT_LAYER, extract, load_teacher
 from conftest import ROOT
 
 SCRIPT = str(ROOT / "scripts" / "distill.py")
@@ -32,14 +33,7 @@ FAST = ["--batch_size", "16", "--gradient_accumulation_steps", "1", "--log_inter
 ENV = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1", "TRANSFORMERS_VERBOSITY": "error"}
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny models run fastest on one thread, and a busy machine's cores are not spun on by idle workers;
-    the setting is restored for the tests of other files."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")
@@ -114,7 +108,7 @@ def test_extraction_bert_to_distilbert_copies_the_chosen_layers(mlm_setup):
     assert report["layers"] == [0, 3] and student.config.n_layers == 2
     t, s = teacher.state_dict(), student.state_dict()
     for j, i in enumerate([0, 3]):
-        for bert, distil in extract_student.DISTILBERT_LAYER.items():
+        for bert, distil in DISTILBERT_LAYER.items():
             for w in ("weight", "bias"):
                 assert torch.equal(s[f"distilbert.transformer.layer.{j}.{distil}.{w}"],
                                    t[f"bert.encoder.layer.{i}.{bert}.{w}"])
@@ -147,7 +141,7 @@ def test_extraction_same_family(family, tiny_mlm_teacher_dir, tiny_roberta_dir, 
     out = tmp_path / "student"
     report = extract_student.main(["--model_name", path, "--student_type", family, "--layers", "2", "0",
                                    "--vocab_transform", "--dump_checkpoint", str(out)])
-    teacher = extract_student.load_teacher(path)
+    teacher = load_teacher(path)
     student = type(teacher).from_pretrained(str(out))
     t, s = teacher.state_dict(), student.state_dict()
     assert report["fresh_tensors"] == [] or all("attn.bias" in k for k in report["fresh_tensors"])
@@ -163,11 +157,11 @@ def test_extraction_same_family(family, tiny_mlm_teacher_dir, tiny_roberta_dir, 
 def test_extraction_refuses_bad_requests(tiny_bert_dir, tiny_mlm_teacher_dir, tmp_path):
     with pytest.raises(UserError, match="has no language-modelling head"):
         extract_student.main(["--model_name", tiny_bert_dir, "--dump_checkpoint", str(tmp_path / "s")])
-    teacher = extract_student.load_teacher(tiny_mlm_teacher_dir)
+    teacher = load_teacher(tiny_mlm_teacher_dir)
     with pytest.raises(UserError, match="cannot seed a gpt2 student"):
-        extract_student.extract(teacher, "gpt2", [0])
+        extract(teacher, "gpt2", [0])
     with pytest.raises(UserError, match="the teacher has layers 0..3"):
-        extract_student.extract(teacher, "distilbert", [0, 4])
+        extract(teacher, "distilbert", [0, 4])
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -275,9 +269,9 @@ def test_torchrun_two_processes_match_one(mlm_setup, tmp_path):
 
 def test_builtin_default_runs_and_the_loss_falls(tmp_path, monkeypatch):
     """No --data_file/--teacher_name: the built-in corpus, teacher and student (shortened here)."""
-    monkeypatch.setattr(distill, "BUILTIN_TEACHER_STEPS", 30)
-    monkeypatch.setattr(lm, "write_builtin_corpus", functools.partial(lm.write_builtin_corpus, n_train=1000,
-                                                                      n_eval=100))
+    monkeypatch.setattr(builtin_distill, "BUILTIN_TEACHER_STEPS", 30)
+    monkeypatch.setattr(builtin_distill, "write_builtin_corpus",
+                        functools.partial(builtin_distill.write_builtin_corpus, n_train=1000, n_eval=100))
     out = tmp_path / "demo"
     results = distill.main(["--output_dir", str(out), "--max_steps", "30", "--log_interval", "10",
                             "--learning_rate", "3e-3"])

@@ -323,3 +323,30 @@ def test_damaged_feature_cache_is_rebuilt(trained_bert, sst2_dir, tmp_path, capl
     again = script.main(args)["eval"]["sst-2"]["metrics"]
     assert again == first
     assert "damaged" in caplog.text
+
+
+def test_off_ramp_learning_rate_reaches_stage_two(tiny_bert_dir, sst2_dir, tmp_path):
+    # 160 rows, batch 16: 10 steps a stage, no warmup, linear decay: after step s the lr is lr * (10 - s) / 10.
+    out = tmp_path / "run"
+    script.main(glue_args(tiny_bert_dir, sst2_dir, out, "sst-2", "--do_train", "--num_train_epochs", "1",
+                          "--logging_steps", "1", "--off_ramp_learning_rate", "0.02"))
+    lines = [json.loads(line) for line in (out / "log_history.jsonl").read_text().splitlines()]
+    by_stage = {stage: [r["lr"] for r in lines if r["stage"] == stage]
+                for stage in ("checkpoint-stage1", "checkpoint-stage2")}
+    assert by_stage["checkpoint-stage1"] == pytest.approx([1e-3 * (10 - s) / 10 for s in range(1, 11)])
+    assert by_stage["checkpoint-stage2"] == pytest.approx([0.02 * (10 - s) / 10 for s in range(1, 11)])
+    with pytest.raises(UserError, match="--off_ramp_learning_rate must be a positive"):
+        script.main(glue_args(tiny_bert_dir, sst2_dir, tmp_path / "bad", "sst-2", "--do_train",
+                              "--off_ramp_learning_rate", "0"))
+
+
+def test_builtin_demo_keeps_flags_typed_with_their_default_value():
+    # The demo's own defaults fill in only flags the user did not type, even when a typed value equals the
+    # stock default (5e-5, batch 8, --save_steps 500).
+    typed = script.parse_args(["--do_train", "--learning_rate", "5e-5", "--per_gpu_train_batch_size", "8",
+                               "--save_steps", "500"])
+    assert (typed.learning_rate, typed.per_gpu_train_batch_size, typed.save_steps) == (5e-5, 8, 500)
+    untyped = script.parse_args(["--do_train"])
+    assert (untyped.learning_rate, untyped.per_gpu_train_batch_size) == (5e-4, 32)
+    given = script.parse_args(["--do_train", "--model_name_or_path", "m", "--data_dir", "d"])
+    assert given.learning_rate == 5e-5  # not the demo: stock defaults

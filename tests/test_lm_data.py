@@ -13,23 +13,17 @@ import pytest
 import torch
 from transformers import AutoTokenizer, BertTokenizerFast
 
+from common.builtin.distill import builtin_words
 from common.data import lm
 from common.distillation import fixed_mlm_mask, masking_probabilities, mlm_mask
 from common.distributed import DistContext
 from common.errors import UserError
-from common.training import epoch_batches
+from common.batches import epoch_batches, rank_permutation
 
 CPU = torch.device("cpu")
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny models run fastest on one thread, and a busy machine's cores are not spun on by idle workers;
-    the setting is restored for the tests of other files."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")
@@ -43,7 +37,7 @@ def write_lines(path: Path, lines: list[str]) -> str:
 
 
 def words(n: int, offset: int = 0) -> list[str]:
-    vocab = [w for w in lm.builtin_words() if w.isalpha()]
+    vocab = [w for w in builtin_words() if w.isalpha()]
     return [vocab[(offset + i) % len(vocab)] for i in range(n)]
 
 
@@ -230,7 +224,7 @@ def test_grouped_batches_match_the_one_at_a_time_rule(seed):
 def test_grouped_order_yields_every_example_once_per_epoch():
     rng = np.random.default_rng(0)
     lengths = rng.integers(12, 64, size=203)
-    order = lm.grouped_batch_order(lengths, 64, batch_size=8, seed=11)
+    order = lm.LmBatches(FakeCorpus(lengths), 8, 11, pad_id=0, label=None, group_by_size=True, max_len=64).epoch
     one = DistContext(device=CPU)
     groups = lm.length_groups(lengths, 64)
     for epoch in (0, 1):
@@ -255,9 +249,21 @@ def test_grouped_order_yields_every_example_once_per_epoch():
 def test_ungrouped_rank_order_is_the_shared_loops_shuffle():
     ctx = DistContext(device=CPU, rank=1, world_size=2)
     flat = [i for b in epoch_batches(50, 4, 3, 2, ctx) for i in b]
-    assert lm.rank_order(50, 3, 2, ctx).tolist() == flat
+    assert rank_permutation(50, 3, 2, ctx) == flat  # what the grouped batches are cut from
     one = DistContext(device=CPU)
-    assert lm.rank_order(49, 3, 0, one).tolist() == epoch_batches(49, 49, 3, 0, one)[0]
+    assert rank_permutation(49, 3, 0, one) == epoch_batches(49, 49, 3, 0, one)[0]
+    ungrouped = lm.LmBatches(FakeCorpus(np.arange(50)), 4, 3, pad_id=0, label=None, group_by_size=False)
+    assert ungrouped.epoch(2, ctx) == epoch_batches(50, 4, 3, 2, ctx)
+
+
+class FakeCorpus:
+    """What LmBatches reads of an LmDataset to plan batches: its sequence lengths."""
+
+    def __init__(self, lengths) -> None:
+        self.lengths = np.asarray(lengths)
+
+    def __len__(self) -> int:
+        return len(self.lengths)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -318,3 +324,39 @@ def test_fixed_eval_mask_depends_only_on_the_example():
     single, single_labels = fixed_mlm_mask(alone, mask, [4], [0, 1, 2, 3], 0.15, 4, seed=9)
     assert torch.equal(single[0, :20], whole[4]) and torch.equal(single_labels[0, :20], labels[4])
     assert int((labels[4] != -100).sum()) == math.ceil(0.15 * 20)
+
+
+class ListCorpus(FakeCorpus):
+    """Sequences as lists of ids, collated to the longest as LmDataset.collate does."""
+
+    def __init__(self, sequences) -> None:
+        super().__init__([len(s) for s in sequences])
+        self.sequences = sequences
+
+    def collate(self, indices, pad_id):
+        width = max(len(self.sequences[i]) for i in indices)
+        ids = torch.full((len(indices), width), pad_id)
+        for row, i in enumerate(indices):
+            ids[row, : len(self.sequences[i])] = torch.tensor(self.sequences[i])
+        return ids, torch.tensor([len(self.sequences[i]) for i in indices])
+
+
+def test_lm_batches_collate_label_and_count_tokens_on_the_host():
+    corpus = ListCorpus([[5, 6, 7], [8], [9, 10, 11, 12], [13, 14]])
+    seen = []
+
+    def label(ids, mask):
+        seen.append((ids.clone(), mask.clone()))
+        return ids + 100, ids.masked_fill(~mask.bool(), -100)
+
+    source = lm.LmBatches(corpus, 2, seed=0, pad_id=0, label=label, group_by_size=False)
+    batch = source.collate(np.array([2, 1]), CPU)
+    assert batch["attention_mask"].tolist() == [[1, 1, 1, 1], [1, 0, 0, 0]]
+    assert batch["input_ids"].tolist() == [[109, 110, 111, 112], [108, 100, 100, 100]]
+    assert batch["labels"].tolist() == [[9, 10, 11, 12], [8, -100, -100, -100]]
+    assert seen[0][0].tolist() == [[9, 10, 11, 12], [8, 0, 0, 0]]
+    source.collate([0, 3], CPU)
+    assert source.take_counts() == (5 + 5, 8 + 6)  # real tokens, padded batch cells
+    assert source.take_counts() == (0, 0)
+    assert (source.total_tokens, source.total_padded) == (10, 14)
+    assert source.batches_per_epoch(DistContext(device=CPU, world_size=2)) == 1

@@ -25,11 +25,14 @@ import torch.nn.functional as F
 from torch import nn
 
 from common import training
+from common.args import check_precision_flags
+from common.batches import TensorBatches, epoch_batches, make_batch
+from common.checkpoint import TrainState, find_checkpoints, read_checkpoint_state, resolve_resume_path
 from common.distributed import DistContext, shard_indices
 from common.errors import UserError
+from common.io import save_folder_atomic, write_json_atomic
 from common.training import (
-    TrainConfig, TrainingDiverged, TrainState, check_precision_flags, epoch_batches, find_checkpoints, make_batch,
-    param_groups, predict, read_checkpoint_state, resolve_resume_path, save_folder_atomic, train, write_json_atomic,
+    Stage, StepPlan, TrainConfig, TrainingDiverged, param_groups, plan_for_examples, predict, train,
 )
 
 CPU = torch.device("cpu")
@@ -84,10 +87,14 @@ def config(out: Path, **kw) -> TrainConfig:
     return TrainConfig(**values)
 
 
-def run_train(model: nn.Module, dataset, cfg: TrainConfig, loss_step=ce_loss, groups=None, **kw):
+def run_train(model: nn.Module, dataset, cfg: TrainConfig, loss_step=ce_loss, groups=None, on_log=None,
+              tb_prefix="", **kw):
+    """One stage named "checkpoint" on the default batch source; its result."""
     if groups is None:
         groups = param_groups(model.named_parameters(), cfg.learning_rate, cfg.weight_decay)
-    return train(CTX, cfg, model, dataset, loss_step, groups, saver(model), **kw)
+    stage = Stage("checkpoint", loss_step, lambda: groups, on_log=on_log, tb_prefix=tb_prefix)
+    (result,) = train(CTX, cfg, model, [stage], dataset, saver(model), **kw)
+    return result
 
 
 def clone_state(model: nn.Module) -> dict[str, torch.Tensor]:
@@ -348,7 +355,7 @@ def test_uninterrupted_run_writes_complete_checkpoints(full_run):
         assert set(os.listdir(out / name)) == CHECKPOINT_FILES
     state = read_checkpoint_state(str(out / "checkpoint-000006"))
     assert (state.global_step, state.epoch, state.step_in_epoch, state.total_steps) == (6, 1, 3, 9)
-    assert state.stage == "checkpoint" and state.extra["stage_index"] == 0
+    assert state.stage == "checkpoint" and state.stage_index == 0
     state = read_checkpoint_state(str(out / "checkpoint-000004"))
     assert (state.global_step, state.epoch, state.step_in_epoch) == (4, 1, 1)
     assert find_checkpoints(str(out)) == [str(out / n) for n in names]
@@ -377,7 +384,7 @@ def test_resume_without_rng_state_differs(full_run, tmp_path, caplog):
     ckpt = tmp_path / "ckpt"
     shutil.copytree(out / "checkpoint-000004", ckpt)
     os.remove(ckpt / "rng_state_0.pt")
-    with caplog.at_level("WARNING", logger="common.training"):
+    with caplog.at_level("WARNING", logger="common.checkpoint"):
         weights, _ = resume(tmp_path / "out", ckpt)
     assert "no RNG state" in caplog.text
     assert not torch.equal(weights["dense.weight"], final["dense.weight"])
@@ -518,10 +525,10 @@ def test_log_history_schedule_and_tensorboard(tmp_path):
 
     out, tb_dir = tmp_path / "out", tmp_path / "tb"
     # 16 examples, batch 2: 8 steps; warmup 3; lr 0.1; a log line every 2 steps.
-    cfg = config(out, per_device_batch_size=2, learning_rate=0.1, warmup_steps=3, logging_steps=2, tb_prefix="s1/")
+    cfg = config(out, per_device_batch_size=2, learning_rate=0.1, warmup_steps=3, logging_steps=2)
     writer = SummaryWriter(logdir=str(tb_dir))
     try:
-        result = run_train(make_model(), make_dataset(16), cfg, loss_step, tb_writer=writer,
+        result = run_train(make_model(), make_dataset(16), cfg, loss_step, tb_writer=writer, tb_prefix="s1/",
                            on_log=lambda state: {"eval_acc": state.global_step / 10})
     finally:
         writer.close()
@@ -537,7 +544,9 @@ def test_log_history_schedule_and_tensorboard(tmp_path):
         step = record["step"]
         assert record["lr"] == pytest.approx(expected_lr[step], abs=1e-12)
         assert record["loss"] == pytest.approx((losses[step - 2] + losses[step - 1]) / 2, rel=1e-6)
-        assert record["aux"] == step - 1  # the loss_step's scalars (its state is before the update)
+        # The loss step's scalars are averaged over the logging window (steps s-1 and s, whose states are
+        # before their updates: s-2 and s-1).
+        assert record["aux"] == pytest.approx(step - 1.5)
         assert record["eval_acc"] == pytest.approx(step / 10)
         assert record["stage"] == "checkpoint" and record["epoch"] == 0
         assert math.isfinite(record["grad_norm"]) and record["grad_norm"] >= 0
@@ -742,9 +751,9 @@ def test_train_config_from_args_and_precision_flags():
 
     args = argparse.Namespace(per_gpu_train_batch_size=16, learning_rate=3e-5, weight_decay=0.1, seed=7,
                               output_dir="ignored", unrelated_flag=True)
-    cfg = TrainConfig.from_args(args, output_dir="out", checkpoint_prefix="stage1")
+    cfg = TrainConfig.from_args(args, output_dir="out", max_steps=3)
     assert (cfg.per_device_batch_size, cfg.learning_rate, cfg.weight_decay, cfg.seed) == (16, 3e-5, 0.1, 7)
-    assert (cfg.output_dir, cfg.checkpoint_prefix) == ("out", "stage1")
+    assert (cfg.output_dir, cfg.max_steps) == ("out", 3)
     assert check_precision_flags(False, False, CPU) == []
     assert check_precision_flags(False, True, CPU) == []
     assert len(check_precision_flags(True, False, CPU)) == 1
@@ -758,3 +767,157 @@ def test_bf16_on_cpu_trains(tmp_path):
     assert result.global_step == 2 and math.isfinite(result.average_loss)
     assert not torch.equal(model.dense.weight, before["dense.weight"])
     assert model.dense.weight.dtype == torch.float32
+
+
+# --------------------------------------------------------------------------------------------- stages, plans, sources
+
+
+def two_stages(model: nn.Module, cfg: TrainConfig, events: list, lr2: float = 0.01) -> list[Stage]:
+    """Stage one trains everything; stage two freezes `dense` and trains the rest at its own learning rate."""
+    def freeze() -> None:
+        events.append("enter two")
+        model.dense.requires_grad_(False)
+
+    return [
+        Stage("one", ce_loss, lambda: param_groups(model.named_parameters(), cfg.learning_rate, 0.0),
+              on_end=lambda r: events.append(("end", r.stage, r.global_step))),
+        Stage("two", ce_loss, lambda: param_groups(model.named_parameters(), lr2, 0.0), enter=freeze,
+              on_end=lambda r: events.append(("end", r.stage, r.global_step))),
+    ]
+
+
+def test_stages_run_in_order_with_their_own_groups(tmp_path):
+    model, events = make_model(dropout=0.3), []
+    cfg = config(tmp_path, per_device_batch_size=2, num_train_epochs=1, save_steps=3)  # 12 rows: 6 steps each
+    frozen_before = model.dense.weight.detach().clone()
+    seen_lrs = []
+    stages = two_stages(model, cfg, events)
+    original = stages[1].param_groups
+    stages[1] = Stage("two", ce_loss, lambda: seen_lrs.append(original()) or seen_lrs[-1], enter=stages[1].enter,
+                      on_end=stages[1].on_end)
+    results = train(CTX, cfg, model, stages, make_dataset(12), saver(model))
+    assert [(r.stage, r.global_step) for r in results] == [("one", 6), ("two", 6)]
+    assert events == [("end", "one", 6), "enter two", ("end", "two", 6)]
+    assert {g["lr"] for g in seen_lrs[0]} == {0.01}
+    assert all("dense" not in n for g in seen_lrs[0] for n in g["names"])  # frozen by `enter`, left out
+    assert not torch.equal(model.dense.weight, frozen_before)  # stage one trained it
+    assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith(("one", "two"))) == [
+        "one-000003", "one-000006", "two-000003", "two-000006"]
+    assert find_checkpoints(str(tmp_path))[-1].endswith("two-000006")  # stage order first, then step
+    assert read_checkpoint_state(str(tmp_path / "two-000003")).stage_index == 1
+
+
+@pytest.mark.parametrize("checkpoint", ["one-000003", "two-000003"])
+def test_resume_finds_its_stage_and_is_exact(tmp_path, checkpoint):
+    cfg_kw = dict(per_device_batch_size=2, num_train_epochs=1, save_steps=3)
+    full = make_model(dropout=0.3)
+    train(CTX, config(tmp_path / "full", **cfg_kw), full, two_stages(full, config(tmp_path, **cfg_kw), []),
+          make_dataset(12), saver(full))
+    model, events = make_model(dropout=0.3), []
+    model.load_state_dict(torch.load(tmp_path / "full" / checkpoint / "model.pt", weights_only=True))
+    if checkpoint.startswith("two"):
+        model.dense.requires_grad_(False)
+    cfg = config(tmp_path / "resumed", **cfg_kw)
+    results = train(CTX, cfg, model, two_stages(model, cfg, events), make_dataset(12), saver(model),
+                    resume_from=str(tmp_path / "full" / checkpoint))
+    assert [r.stage for r in results] == (["one", "two"] if checkpoint.startswith("one") else ["two"])
+    assert_same_weights(clone_state(model), clone_state(full))
+
+
+def test_resume_of_an_unknown_stage_is_a_user_error(tmp_path, full_run):
+    out, _, _ = full_run
+    model = make_model()
+    stage = Stage("other", ce_loss, lambda: param_groups(model.named_parameters(), 0.05, 0.0))
+    with pytest.raises(UserError, match="stage 'checkpoint'.*stages: other"):
+        train(CTX, config(tmp_path, **RESUME_KW), model, [stage], make_dataset(RESUME_N), saver(model),
+              resume_from=str(out / "checkpoint-000004"))
+
+
+@pytest.mark.parametrize("change", [dict(num_train_epochs=4), dict(per_device_batch_size=3), dict(max_steps=20),
+                                    dict(warmup_steps=2)])
+def test_resume_under_another_step_plan_is_refused(full_run, tmp_path, change):
+    out, _, _ = full_run
+    with pytest.raises(UserError, match="another step plan"):
+        run_train(make_model(dropout=0.3), make_dataset(RESUME_N), config(tmp_path, **{**RESUME_KW, **change}),
+                  resume_from=str(out / "checkpoint-000004"))
+    # Flags that leave the plan alone (logging, checkpoint interval) may change.
+    result = run_train(make_model(dropout=0.3), make_dataset(RESUME_N),
+                       config(tmp_path / "ok", **{**RESUME_KW, "save_steps": 0, "logging_steps": 1}),
+                       resume_from=str(out / "checkpoint-000004"))
+    assert result.global_step == 9
+
+
+@pytest.mark.parametrize("n, batch, accum, epochs, max_steps",
+                         [(10, 3, 2, 2, -1), (11, 2, 3, 1.5, -1), (10, 3, 1, 1, 7)])
+def test_step_plan_is_what_the_loop_does(tmp_path, n, batch, accum, epochs, max_steps):
+    cfg = config(tmp_path, per_device_batch_size=batch, gradient_accumulation_steps=accum, num_train_epochs=epochs,
+                 max_steps=max_steps, warmup_proportion=0.5)
+    plan = plan_for_examples(n, cfg)
+    assert isinstance(plan, StepPlan) and plan.warmup_steps == int(0.5 * plan.total_steps)
+    rec = Recorder()
+    assert run_train(make_model(), make_dataset(n), cfg, rec).global_step == plan.total_steps
+    assert len({c[0] for c in rec.calls}) == plan.num_epochs
+    assert plan_for_examples(n, cfg, world_size=2).batches_per_epoch == math.ceil(math.ceil(n / 2) / batch)
+
+
+class ReversedSource(TensorBatches):
+    """A batch source of its own: fixed, unshuffled batches in reverse order, each batch tagged."""
+
+    def epoch(self, epoch, ctx):
+        return [list(range(i, min(i + self.batch_size, self.num_examples)))
+                for i in range(0, self.num_examples, self.batch_size)][::-1]
+
+    def collate(self, indices, device):
+        batch = super().collate(indices, device)
+        batch["tag"] = torch.full((len(indices),), 7)
+        return batch
+
+
+def test_a_batch_source_decides_batches_and_collation(tmp_path):
+    rec, tags = Recorder(), []
+
+    def step(model, batch, state):
+        tags.append(batch["tag"].tolist())
+        return rec(model, batch, state)
+
+    source, model = ReversedSource(make_dataset(6), batch_size=2), make_model()
+    (result,) = train(CTX, config(tmp_path, num_train_epochs=1), model, [
+        Stage("checkpoint", step, lambda: param_groups(model.named_parameters(), 0.05, 0.0))], source, saver(model))
+    assert result.global_step == 3
+    assert [c[2] for c in rec.calls] == [[4, 5], [2, 3], [0, 1]]
+    assert tags == [[7, 7]] * 3
+
+
+def test_scalars_are_averaged_over_every_micro_batch_of_the_window(tmp_path):
+    def step(model, batch, state):
+        return ce_loss(model, batch, state), {"rows": batch["idx"].float().mean(), "const": 2.0}
+
+    cfg = config(tmp_path, per_device_batch_size=2, gradient_accumulation_steps=2, logging_steps=2,
+                 num_train_epochs=1)  # 16 rows: 8 micro-batches, 4 steps, 2 log lines of 4 micro-batches each
+    data = make_dataset(16)
+    run_train(make_model(), data, cfg, step)
+    lines = [json.loads(line) for line in (tmp_path / "log_history.jsonl").read_text().splitlines()]
+    batches = epoch_batches(16, 2, cfg.seed, 0, CTX)
+    for k, record in enumerate(lines):
+        window = [i for b in batches[4 * k : 4 * k + 4] for i in b]
+        assert record["rows"] == pytest.approx(sum(window) / len(window))
+        assert record["const"] == 2.0
+
+
+def test_session_seeds_each_rank_differently(tmp_path):
+    from common.cli import Session
+
+    draws = []
+    for rank in (0, 1):
+        Session(DistContext(device=CPU, rank=rank)).start(str(tmp_path), [], argparse_namespace(), {}, seed=5,
+                                                          fresh=True)
+        draws.append(torch.rand(3))
+        assert torch.initial_seed() == 5 + rank
+    assert not torch.equal(draws[0], draws[1])
+    assert json.loads((tmp_path / "run_args.json").read_text())["args"] == {"x": 1}
+
+
+def argparse_namespace():
+    import argparse
+
+    return argparse.Namespace(x=1)

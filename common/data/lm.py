@@ -1,5 +1,5 @@
 """Language-modelling corpora for distillation: the binarized token file, token counts, the LM dataset with the
-original's splitting and filtering, the length-grouped batch order, and the built-in corpus.
+original's splitting and filtering, and the length-grouped batch order.
 
 The binarized file (written by scripts/binarize_data.py) holds every sequence's token ids back to back in one
 flat array of the smallest safe integer type (uint16 for vocabularies of up to 65,535 entries, int32 above),
@@ -20,19 +20,20 @@ import hashlib
 import json
 import logging
 import os
-import random
 import struct
 import time
 from dataclasses import dataclass
 from itertools import chain
-from typing import Any, Iterable, Sequence
+from typing import Any, Callable, Iterable, Sequence
 
 import numpy as np
 import torch
 from tqdm.auto import tqdm
 
+from common.batches import epoch_batches, per_rank_batches, rank_permutation
 from common.distributed import DistContext
 from common.errors import UserError, file_error
+from common.io import remove_path, temp_name
 
 logger = logging.getLogger(__name__)
 
@@ -134,16 +135,16 @@ def _plain_backend(tokenizer: Any) -> Any:
 
 
 class _TokenWriter:
-    """Streams sequences into `<path>.tmp-<pid>` (tokens) and a side file (offsets); `close()` appends the
-    offsets and the footer and renames the result to `path`."""
+    """Streams sequences into a temporary file next to `path` (tokens) and a side file (offsets); `close()`
+    appends the offsets and the footer and renames the result to `path`; `abort()` removes both."""
 
     def __init__(self, path: str, dtype: np.dtype) -> None:
         self.path = path
         self.dtype = np.dtype(dtype)
         folder = os.path.dirname(os.path.abspath(path))
         os.makedirs(folder, exist_ok=True)
-        self.tmp = f"{path}.tmp-{os.getpid()}"
-        self.offsets_tmp = f"{path}.offsets-tmp-{os.getpid()}"
+        self.tmp = temp_name(path)
+        self.offsets_tmp = temp_name(path, suffix=".offsets")
         self.tokens_file = open(self.tmp, "wb")
         self.offsets_file = open(self.offsets_tmp, "wb")
         self.tokens_file.write(MAGIC_HEAD)
@@ -193,15 +194,14 @@ class _TokenWriter:
         os.fsync(self.tokens_file.fileno())
         self.tokens_file.close()
         os.replace(self.tmp, self.path)
-        os.remove(self.offsets_tmp)
+        remove_path(self.offsets_tmp)
         return footer
 
     def abort(self) -> None:
         for handle in (self.tokens_file, self.offsets_file):
             handle.close()
         for tmp in (self.tmp, self.offsets_tmp):
-            if os.path.exists(tmp):
-                os.remove(tmp)
+            remove_path(tmp)
 
 
 def _read_line_batches(path: str, batch_lines: int, bar: Any) -> Iterable[tuple[list[str], int]]:
@@ -424,7 +424,7 @@ def count_tokens(token_file: TokenFile, vocab_size: int | None = None, show_prog
 
 def save_token_counts(path: str, counts: np.ndarray, token_file: TokenFile) -> None:
     """Counts as a safetensors file whose metadata names the vocabulary they were counted in."""
-    from common.caching import save_tensors_atomic
+    from common.io import save_tensors_atomic
 
     meta = {"format": COUNTS_FORMAT, "vocab_sha256": token_file.vocab["vocab_sha256"],
             "vocab_size": str(token_file.vocab["vocab_size"]), "data_file": os.path.abspath(token_file.path),
@@ -597,99 +597,48 @@ def grouped_batches(order: Sequence[int], groups: np.ndarray, batch_size: int) -
     return [order[row] for row in full] + [order[rest[i:i + batch_size]] for i in range(0, len(rest), batch_size)]
 
 
-def rank_order(n: int, seed: int, epoch: int, ctx: DistContext) -> np.ndarray:
-    """This rank's examples for an epoch, in order: the shared loop's seeded permutation, wrapped so every rank
-    gets as many, then sharded (as common.training.epoch_batches; tested equal), as an array."""
-    gen = torch.Generator().manual_seed(seed * 1000003 + epoch)
-    perm = torch.randperm(n, generator=gen).numpy()
-    if ctx.world_size > 1:
-        perm = np.resize(perm, -(-n // ctx.world_size) * ctx.world_size)[ctx.rank::ctx.world_size]
-    return perm
+class LmBatches:
+    """Distillation's batch source: this rank's share of the epoch's seeded permutation, in length-grouped
+    batches (the original's GroupedBatchSampler) unless `group_by_size` is off; each batch collated to its
+    longest sequence and passed through `label(ids, attention_mask) -> (inputs, labels)` (MLM masking or CLM
+    labels) on the device. Real and padded tokens are counted on the host as batches are made (no device
+    sync), for the tokens/s and padding share the log reports."""
 
+    def __init__(self, data: LmDataset, batch_size: int, seed: int, pad_id: int,
+                 label: Callable[[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]],
+                 group_by_size: bool = True, max_len: int = 0) -> None:
+        self.data, self.batch_size, self.seed, self.pad_id, self.label = data, batch_size, seed, pad_id, label
+        self.num_examples = len(data)
+        self.groups = length_groups(data.lengths, max_len) if group_by_size else None
+        if self.groups is not None:
+            logger.info("Length groups (bins of 4 tokens up to %d): %s sequences per group", max_len,
+                        " ".join(str(int(c)) for c in np.bincount(self.groups) if c))
+        self.tokens = self.padded = 0  # since the last `take_counts`
+        self.total_tokens = self.total_padded = 0
 
-def grouped_batch_order(lengths: np.ndarray, max_len: int, batch_size: int, seed: int):
-    """A batch order for common.training.train(batch_order=...): length-grouped batches of this rank's share,
-    a pure function of (seed, epoch) so that a resumed run sees the same batches."""
-    groups = length_groups(lengths, max_len)
-    counts = np.bincount(groups)
-    logger.info("Length groups (bins of 4 tokens up to %d): %s sequences per group", max_len,
-                " ".join(str(int(c)) for c in counts if c))
+    def batches_per_epoch(self, ctx: DistContext) -> int:
+        return per_rank_batches(self.num_examples, self.batch_size, ctx.world_size)
 
-    def order(epoch: int, ctx: DistContext) -> list[np.ndarray]:
-        return grouped_batches(rank_order(len(lengths), seed, epoch, ctx), groups, batch_size)
+    def epoch(self, epoch: int, ctx: DistContext) -> Sequence[Sequence[int]]:
+        if self.groups is None:
+            return epoch_batches(self.num_examples, self.batch_size, self.seed, epoch, ctx)
+        order = np.asarray(rank_permutation(self.num_examples, self.seed, epoch, ctx), dtype=np.int64)
+        return grouped_batches(order, self.groups, self.batch_size)
 
-    return order
+    def collate(self, indices: Sequence[int], device: torch.device) -> dict[str, torch.Tensor]:
+        ids, lengths = self.data.collate([int(i) for i in indices], self.pad_id)
+        real, padded = int(lengths.sum()), ids.numel()
+        self.tokens, self.padded = self.tokens + real, self.padded + padded
+        self.total_tokens, self.total_padded = self.total_tokens + real, self.total_padded + padded
+        ids, lengths = ids.to(device), lengths.to(device)
+        attention_mask = (torch.arange(ids.shape[1], device=device)[None, :] < lengths[:, None]).long()
+        inputs, labels = self.label(ids, attention_mask)
+        return {"input_ids": inputs, "attention_mask": attention_mask, "labels": labels}
 
-
-# ----------------------------------------------------------------------------------------------------------
-# the built-in corpus
-
-
-_SINGULAR = "dog cat bird child teacher farmer doctor singer".split()
-_PLURAL = "dogs cats birds children teachers farmers doctors singers".split()
-_VERB_SG = "runs sings sleeps reads jumps eats waits laughs".split()
-_VERB_PL = "run sing sleep read jump eat wait laugh".split()
-_ADJECTIVES = "small big old young happy quiet".split()
-_PLACES = [["in", "the", "park"], ["at", "home"], ["near", "the", "river"], ["in", "the", "garden"],
-           ["on", "the", "hill"], ["by", "the", "lake"]]
-_NUMBERS = "one two three four five six seven eight nine ten eleven twelve".split()
-_FACTS = {"sky": "blue", "grass": "green", "sun": "yellow", "snow": "white", "coal": "black", "blood": "red",
-          "sea": "blue", "milk": "white", "night": "dark", "fire": "hot", "ice": "cold"}
-_NAMES = "anna ben carl dora emil fay".split()
-
-
-def builtin_words() -> list[str]:
-    words = set(_SINGULAR + _PLURAL + _VERB_SG + _VERB_PL + _ADJECTIVES + _NUMBERS + _NAMES)
-    words |= {w for place in _PLACES for w in place} | set(_FACTS) | set(_FACTS.values())
-    words |= {"the", "is", "we", "counted", "said", "that", "and", ".", ","}
-    return sorted(words)
-
-
-def _builtin_sentence(rng: random.Random) -> list[str]:
-    kind = rng.random()
-    if kind < 0.4:  # agreement: the verb's number follows the subject's
-        plural = rng.random() < 0.5
-        i = rng.randrange(len(_SINGULAR))
-        noun = _PLURAL[i] if plural else _SINGULAR[i]
-        verb = (_VERB_PL if plural else _VERB_SG)[rng.randrange(len(_VERB_SG))]
-        words = ["the"] + ([rng.choice(_ADJECTIVES)] if rng.random() < 0.5 else []) + [noun, verb]
-        return words + rng.choice(_PLACES) + ["."]
-    if kind < 0.65:  # counting: consecutive numbers
-        start = rng.randrange(len(_NUMBERS) - 3)
-        count = rng.randint(3, min(6, len(_NUMBERS) - start))
-        return ["we", "counted"] + _NUMBERS[start:start + count] + ["."]
-    if kind < 0.85:  # facts: every thing always has the same colour
-        thing = rng.choice(sorted(_FACTS))
-        return ["the", thing, "is", _FACTS[thing], "."]
-    plural = rng.random() < 0.5
-    i = rng.randrange(len(_SINGULAR))
-    noun = _PLURAL[i] if plural else _SINGULAR[i]
-    verb = (_VERB_PL if plural else _VERB_SG)[rng.randrange(len(_VERB_SG))]
-    return [rng.choice(_NAMES), "said", "that", "the", noun, verb, "."]
-
-
-def builtin_line(rng: random.Random) -> str:
-    """One line of the built-in corpus: two to four sentences of a tiny language with learnable regularities
-    (subject-verb agreement, counting, fixed facts), so a small masked LM gets far below the uniform guess."""
-    return " ".join(w for _ in range(rng.randint(2, 4)) for w in _builtin_sentence(rng))
-
-
-def write_builtin_corpus(folder: str, n_train: int = 6000, n_eval: int = 400, seed: int = 0) -> tuple[str, str]:
-    """train.txt and eval.txt (one sequence per line) in `folder`; existing files are kept."""
-    os.makedirs(folder, exist_ok=True)
-    rng = random.Random(seed)
-    paths = []
-    for name, count in (("train.txt", n_train), ("eval.txt", n_eval)):
-        path = os.path.join(folder, name)
-        paths.append(path)
-        lines = [builtin_line(rng) for _ in range(count)]
-        if os.path.isfile(path):
-            continue
-        tmp = f"{path}.tmp-{os.getpid()}"
-        with open(tmp, "w", encoding="utf-8", newline="\n") as f:
-            f.writelines(line + "\n" for line in lines)
-        os.replace(tmp, path)
-    return paths[0], paths[1]
+    def take_counts(self) -> tuple[int, int]:
+        """(real, padded) tokens batched since the last call."""
+        counts, self.tokens, self.padded = (self.tokens, self.padded), 0, 0
+        return counts
 
 
 def approx_rss_mb() -> dict[str, float]:
@@ -712,8 +661,7 @@ def approx_rss_mb() -> dict[str, float]:
 
 
 __all__ = [
-    "LmDataset", "TokenFile", "Wrap", "approx_rss_mb", "binarize_file", "builtin_line", "builtin_words",
-    "count_tokens", "grouped_batch_order", "grouped_batches", "length_groups", "load_token_counts", "rank_order",
-    "read_footer", "save_token_counts", "special_token_ids", "token_dtype", "tokenizer_wrap", "vocab_fingerprint",
-    "write_builtin_corpus",
+    "LmBatches", "LmDataset", "TokenFile", "Wrap", "approx_rss_mb", "binarize_file", "count_tokens",
+    "grouped_batches", "length_groups", "load_token_counts", "read_footer", "save_token_counts",
+    "special_token_ids", "token_dtype", "tokenizer_wrap", "vocab_fingerprint",
 ]

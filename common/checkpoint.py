@@ -1,0 +1,172 @@
+"""Checkpoints as complete folders (`<stage>-NNNNNN/`): model files, optimizer, scheduler, grad scaler, every
+rank's RNG state and the training progress (`trainer_state.json`, with the step plan it was made under).
+
+Found by their stored progress (stage position, then step), never by parsing folder names; written under a
+temporary name and renamed into place when whole, so a crash leaves no half checkpoint that `latest` could pick.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import random
+from dataclasses import asdict, dataclass, field
+from typing import Any, Callable, Mapping
+
+import numpy as np
+import torch
+
+from common.distributed import DistContext, barrier
+from common.errors import UserError
+from common.io import TEMP_MARK, remove_path, write_json_atomic
+
+logger = logging.getLogger(__name__)
+
+STATE_FILE = "trainer_state.json"
+REQUIRED_FILES = ("optimizer.pt", "scheduler.pt")
+
+
+@dataclass
+class TrainState:
+    """Progress of one training stage; saved in every checkpoint as trainer_state.json."""
+
+    global_step: int = 0
+    epoch: int = 0
+    step_in_epoch: int = 0  # optimizer steps already taken in `epoch`
+    total_steps: int = 0
+    num_epochs: int = 0
+    stage: str = "checkpoint"
+    stage_index: int = 0  # the stage's position in the run (checkpoints of later stages sort after)
+    loss_sum: float = 0.0  # sum of per-step losses, for the average reported at the end
+    plan: dict[str, int] = field(default_factory=dict)  # the StepPlan this stage runs under (checked on resume)
+    extra: dict[str, Any] = field(default_factory=dict)  # the loss step's own state (e.g. a global top-k cut)
+
+    @property
+    def order(self) -> tuple[int, int]:
+        # Checkpoints written before stage_index became a field kept it in `extra`.
+        return (self.stage_index or int(self.extra.get("stage_index", 0)), self.global_step)
+
+
+def checkpoint_name(stage: str, step: int) -> str:
+    return f"{stage}-{step:06d}"
+
+
+def rng_state() -> dict[str, Any]:
+    np_state = np.random.get_state()
+    state = {
+        "python": random.getstate(),
+        "numpy": [np_state[0], torch.from_numpy(np_state[1].astype(np.int64)), *np_state[2:]],
+        "torch": torch.get_rng_state(),
+    }
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: Mapping[str, Any]) -> None:
+    version, internal, gauss = state["python"]
+    random.setstate((version, tuple(internal), gauss))
+    name, keys, pos, has_gauss, cached = state["numpy"]
+    np.random.set_state((name, keys.numpy().astype(np.uint32), pos, has_gauss, cached))
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def read_checkpoint_state(path: str) -> TrainState:
+    """The progress stored in a checkpoint folder; a clear error if the folder is not a complete checkpoint."""
+    state_file = os.path.join(path, STATE_FILE)
+    if not os.path.isfile(state_file):
+        raise UserError(
+            f"{path} is not a complete checkpoint (no {STATE_FILE}); point --resume_from_checkpoint at a "
+            "checkpoint-* folder written by --save_steps, or 'latest'"
+        )
+    for needed in REQUIRED_FILES:
+        if not os.path.isfile(os.path.join(path, needed)):
+            raise UserError(f"{path} is an incomplete checkpoint: {needed} is missing; resume from another one")
+    try:
+        with open(state_file, encoding="utf-8") as f:
+            return TrainState(**json.load(f))
+    except (ValueError, TypeError) as err:
+        raise UserError(f"{state_file} is damaged or was not written by these scripts ({err}); resume from "
+                        "another checkpoint") from None
+
+
+def find_checkpoints(output_dir: str) -> list[str]:
+    """Complete checkpoint folders under output_dir, oldest first (ordered by their stored progress,
+    stage order included, never by parsing folder names)."""
+    found = []
+    if not os.path.isdir(output_dir):
+        return found
+    for name in os.listdir(output_dir):
+        path = os.path.join(output_dir, name)
+        if name.startswith(".") or not os.path.isfile(os.path.join(path, STATE_FILE)):
+            continue
+        with open(os.path.join(path, STATE_FILE), encoding="utf-8") as f:
+            state = json.load(f)
+        order = (state.get("stage_index") or state.get("extra", {}).get("stage_index", 0), state["global_step"])
+        found.append((order, path))
+    return [p for _, p in sorted(found)]
+
+
+def resolve_resume_path(resume: str | None, output_dir: str) -> str | None:
+    """--resume_from_checkpoint PATH|latest -> a checkpoint folder (or None when not resuming)."""
+    if not resume:
+        return None
+    if resume == "latest":
+        found = find_checkpoints(output_dir)
+        if not found:
+            raise UserError(
+                f"--resume_from_checkpoint latest: no checkpoint under {output_dir}; run without it to start afresh"
+            )
+        return found[-1]
+    if not os.path.isdir(resume):
+        raise UserError(f"--resume_from_checkpoint {resume}: no such folder")
+    read_checkpoint_state(resume)
+    return resume
+
+
+def save_checkpoint(ctx: DistContext, output_dir: str, state: TrainState, optimizer: torch.optim.Optimizer,
+                    scheduler: Any, scaler: torch.amp.GradScaler | None, save_model: Callable[[str], None]) -> str:
+    """A complete checkpoint folder, written under a temporary name and renamed into place when whole."""
+    final = os.path.join(output_dir, checkpoint_name(state.stage, state.global_step))
+    tmp = os.path.join(output_dir, "." + os.path.basename(final) + TEMP_MARK.rstrip("-"))
+    if ctx.is_main:
+        remove_path(tmp)
+        os.makedirs(tmp)
+    barrier()
+    torch.save(rng_state(), os.path.join(tmp, f"rng_state_{ctx.rank}.pt"))  # every rank its own
+    barrier()
+    if ctx.is_main:
+        try:
+            save_model(tmp)
+            torch.save(optimizer.state_dict(), os.path.join(tmp, "optimizer.pt"))
+            torch.save(scheduler.state_dict(), os.path.join(tmp, "scheduler.pt"))
+            if scaler is not None:
+                torch.save(scaler.state_dict(), os.path.join(tmp, "scaler.pt"))
+            write_json_atomic(os.path.join(tmp, STATE_FILE), asdict(state))
+            remove_path(final)
+            os.replace(tmp, final)
+        finally:
+            remove_path(tmp)
+        logger.info("Saved checkpoint %s", final)
+    barrier()
+    return final
+
+
+def load_checkpoint(ctx: DistContext, path: str, optimizer: torch.optim.Optimizer, scheduler: Any,
+                    scaler: torch.amp.GradScaler | None) -> TrainState:
+    """Restore optimizer, scheduler, scaler and this rank's RNG from `path`; return its progress."""
+    state = read_checkpoint_state(path)
+    optimizer.load_state_dict(torch.load(os.path.join(path, "optimizer.pt"), map_location="cpu", weights_only=True))
+    scheduler.load_state_dict(torch.load(os.path.join(path, "scheduler.pt"), map_location="cpu", weights_only=True))
+    scaler_file = os.path.join(path, "scaler.pt")
+    if scaler is not None and os.path.isfile(scaler_file):
+        scaler.load_state_dict(torch.load(scaler_file, weights_only=True))
+    rng_file = os.path.join(path, f"rng_state_{ctx.rank}.pt")
+    if os.path.isfile(rng_file):
+        set_rng_state(torch.load(rng_file, weights_only=True))
+    else:
+        logger.warning("%s has no RNG state for rank %d (different world size?); dropout will differ", path, ctx.rank)
+    return state
