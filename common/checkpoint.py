@@ -10,16 +10,19 @@ from __future__ import annotations
 import json
 import logging
 import os
+import pickle
 import random
+import zipfile
 from dataclasses import asdict, dataclass, field
 from typing import Any, Callable, Mapping
 
 import numpy as np
 import torch
 
-from common.distributed import DistContext, barrier
+from common.distributed import DistContext, barrier, broadcast_object
 from common.errors import UserError
-from common.io import TEMP_MARK, remove_path, write_json_atomic
+from common.io import remove_path, temp_name, write_json_atomic, writing
+from common.pretrained import check_weights_file
 
 logger = logging.getLogger(__name__)
 
@@ -93,37 +96,66 @@ def read_checkpoint_state(path: str) -> TrainState:
                         "another checkpoint") from None
 
 
-def find_checkpoints(output_dir: str) -> list[str]:
-    """Complete checkpoint folders under output_dir, oldest first (ordered by their stored progress,
-    stage order included, never by parsing folder names)."""
-    found = []
+def _state_folders(output_dir: str) -> list[str]:
+    """The folders under output_dir that hold a trainer_state.json (temporaries, hidden, left out)."""
     if not os.path.isdir(output_dir):
-        return found
-    for name in os.listdir(output_dir):
-        path = os.path.join(output_dir, name)
-        if name.startswith(".") or not os.path.isfile(os.path.join(path, STATE_FILE)):
+        return []
+    return [os.path.join(output_dir, name) for name in os.listdir(output_dir)
+            if not name.startswith(".") and os.path.isfile(os.path.join(output_dir, name, STATE_FILE))]
+
+
+def find_checkpoints(output_dir: str) -> list[str]:
+    """Checkpoint folders under output_dir, oldest first (ordered by their stored progress, stage order included,
+    never by parsing folder names). One whose progress cannot be read is left out, with a warning."""
+    found = []
+    for path in _state_folders(output_dir):
+        try:
+            with open(os.path.join(path, STATE_FILE), encoding="utf-8") as f:
+                state = json.load(f)
+            order = (state.get("stage_index") or state.get("extra", {}).get("stage_index", 0), state["global_step"])
+        except (OSError, ValueError, KeyError, AttributeError) as err:
+            logger.warning("%s is damaged (%s: %s); left out", path, STATE_FILE, err)
             continue
-        with open(os.path.join(path, STATE_FILE), encoding="utf-8") as f:
-            state = json.load(f)
-        order = (state.get("stage_index") or state.get("extra", {}).get("stage_index", 0), state["global_step"])
         found.append((order, path))
     return [p for _, p in sorted(found)]
 
 
+def verify_checkpoint(path: str) -> TrainState:
+    """The checkpoint's progress, once its files have been checked to be whole (every saved tensor file a
+    complete archive, every safetensors file with a complete header): a clear error naming the damaged file."""
+    state = read_checkpoint_state(path)
+    for name in sorted(os.listdir(path)):
+        file = os.path.join(path, name)
+        if name.endswith(".pt") and not zipfile.is_zipfile(file):
+            raise UserError(f"{file} is damaged (not a complete torch.save archive); resume from another checkpoint")
+        check_weights_file(file, "resume from another checkpoint")
+    return state
+
+
 def resolve_resume_path(resume: str | None, output_dir: str) -> str | None:
-    """--resume_from_checkpoint PATH|latest -> a checkpoint folder (or None when not resuming)."""
+    """--resume_from_checkpoint PATH|latest -> a checkpoint folder (or None when not resuming). `latest` is the
+    newest checkpoint whose files are whole: a damaged newer one is named in a warning and passed over."""
     if not resume:
         return None
     if resume == "latest":
         found = find_checkpoints(output_dir)
-        if not found:
-            raise UserError(
-                f"--resume_from_checkpoint latest: no checkpoint under {output_dir}; run without it to start afresh"
-            )
-        return found[-1]
+        passed_over = len(_state_folders(output_dir)) - len(found)  # damaged progress: left out, with a warning
+        for path in reversed(found):
+            try:
+                verify_checkpoint(path)
+            except UserError as err:
+                logger.warning("Passing over a damaged checkpoint: %s", err)
+                passed_over += 1
+                continue
+            if passed_over:
+                logger.warning("Resuming from %s, the newest complete checkpoint", path)
+            return path
+        damaged = " (the ones there are damaged, see the warnings)" if found else ""
+        raise UserError(f"--resume_from_checkpoint latest: no checkpoint under {output_dir} that is complete"
+                        f"{damaged}; run without it to start afresh")
     if not os.path.isdir(resume):
         raise UserError(f"--resume_from_checkpoint {resume}: no such folder")
-    read_checkpoint_state(resume)
+    verify_checkpoint(resume)
     return resume
 
 
@@ -131,25 +163,27 @@ def save_checkpoint(ctx: DistContext, output_dir: str, state: TrainState, optimi
                     scheduler: Any, scaler: torch.amp.GradScaler | None, save_model: Callable[[str], None]) -> str:
     """A complete checkpoint folder, written under a temporary name and renamed into place when whole."""
     final = os.path.join(output_dir, checkpoint_name(state.stage, state.global_step))
-    tmp = os.path.join(output_dir, "." + os.path.basename(final) + TEMP_MARK.rstrip("-"))
-    if ctx.is_main:
-        remove_path(tmp)
-        os.makedirs(tmp)
-    barrier()
-    torch.save(rng_state(), os.path.join(tmp, f"rng_state_{ctx.rank}.pt"))  # every rank its own
-    barrier()
-    if ctx.is_main:
-        try:
-            save_model(tmp)
-            torch.save(optimizer.state_dict(), os.path.join(tmp, "optimizer.pt"))
-            torch.save(scheduler.state_dict(), os.path.join(tmp, "scheduler.pt"))
-            if scaler is not None:
-                torch.save(scaler.state_dict(), os.path.join(tmp, "scaler.pt"))
-            write_json_atomic(os.path.join(tmp, STATE_FILE), asdict(state))
-            remove_path(final)
-            os.replace(tmp, final)
-        finally:
+    tmp = broadcast_object(temp_name(final) if ctx.is_main else None, ctx)  # one folder all ranks write into
+    try:
+        with writing(final):
+            if ctx.is_main:
+                os.makedirs(tmp)
+            barrier()
+            torch.save(rng_state(), os.path.join(tmp, f"rng_state_{ctx.rank}.pt"))  # every rank its own
+            barrier()
+            if ctx.is_main:
+                save_model(tmp)
+                torch.save(optimizer.state_dict(), os.path.join(tmp, "optimizer.pt"))
+                torch.save(scheduler.state_dict(), os.path.join(tmp, "scheduler.pt"))
+                if scaler is not None:
+                    torch.save(scaler.state_dict(), os.path.join(tmp, "scaler.pt"))
+                write_json_atomic(os.path.join(tmp, STATE_FILE), asdict(state))
+                remove_path(final)
+                os.replace(tmp, final)
+    finally:
+        if ctx.is_main:
             remove_path(tmp)
+    if ctx.is_main:
         logger.info("Saved checkpoint %s", final)
     barrier()
     return final
@@ -159,14 +193,24 @@ def load_checkpoint(ctx: DistContext, path: str, optimizer: torch.optim.Optimize
                     scaler: torch.amp.GradScaler | None) -> TrainState:
     """Restore optimizer, scheduler, scaler and this rank's RNG from `path`; return its progress."""
     state = read_checkpoint_state(path)
-    optimizer.load_state_dict(torch.load(os.path.join(path, "optimizer.pt"), map_location="cpu", weights_only=True))
-    scheduler.load_state_dict(torch.load(os.path.join(path, "scheduler.pt"), map_location="cpu", weights_only=True))
-    scaler_file = os.path.join(path, "scaler.pt")
-    if scaler is not None and os.path.isfile(scaler_file):
-        scaler.load_state_dict(torch.load(scaler_file, weights_only=True))
-    rng_file = os.path.join(path, f"rng_state_{ctx.rank}.pt")
-    if os.path.isfile(rng_file):
-        set_rng_state(torch.load(rng_file, weights_only=True))
+    optimizer.load_state_dict(_load(path, "optimizer.pt"))
+    scheduler.load_state_dict(_load(path, "scheduler.pt"))
+    if scaler is not None and os.path.isfile(os.path.join(path, "scaler.pt")):
+        scaler.load_state_dict(_load(path, "scaler.pt"))
+    rng_file = f"rng_state_{ctx.rank}.pt"
+    if os.path.isfile(os.path.join(path, rng_file)):
+        set_rng_state(_load(path, rng_file))
     else:
         logger.warning("%s has no RNG state for rank %d (different world size?); dropout will differ", path, ctx.rank)
     return state
+
+
+def _load(folder: str, name: str) -> Any:
+    """A tensor file of a checkpoint, loaded with weights_only (no code runs); a damaged or foreign one (a
+    pickle that would run code) is a clear error."""
+    file = os.path.join(folder, name)
+    try:
+        return torch.load(file, map_location="cpu", weights_only=True)
+    except (pickle.UnpicklingError, RuntimeError, EOFError, OSError) as err:
+        reason = "not a tensor file these scripts wrote" if isinstance(err, pickle.UnpicklingError) else "damaged"
+        raise UserError(f"{file} is {reason}: resume from another checkpoint") from None

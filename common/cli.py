@@ -19,13 +19,14 @@ from typing import Any, Callable, Iterator, Mapping, Sequence
 
 from common.checkpoint import find_checkpoints
 from common.distributed import DistContext, barrier, cleanup_distributed, main_process_first, setup_distributed
-from common.io import save_folder_atomic, write_json_atomic
+from common.io import remove_path, remove_stale_temporaries, save_folder_atomic, write_json_atomic, writing
 from common.logging_utils import setup_logging
 from common.training import set_seed
 
 logger = logging.getLogger(__name__)
 
 LOG_FILE = "log_history.jsonl"
+BOOKKEEPING = {"run_args.json", LOG_FILE, "runs"}  # what a run writes before it has made anything of value
 
 
 class Session:
@@ -34,23 +35,46 @@ class Session:
     def __init__(self, ctx: DistContext) -> None:
         self.ctx = ctx
         self.output_dir: str | None = None
+        self._before: set[str] | None = None  # what the output folder held before this run wrote into it
         self._writer: Any = None
 
     def start(self, output_dir: str, argv: Sequence[str] | None, args: Any, resolved: Any, seed: int,
               fresh: bool) -> None:
-        """The run really starts: rank 0 creates the output folder, replaces a previous run's log when this
-        one is fresh (a resumed run appends), writes run_args.json; then every rank is seeded with seed + rank."""
+        """The run really starts: rank 0 removes temporaries that killed runs left in the output folder, creates
+        it, replaces a previous run's log when this one is fresh (a resumed run appends), writes run_args.json;
+        then every rank is seeded with seed + rank."""
         self.output_dir = output_dir
         if self.ctx.is_main:
-            os.makedirs(output_dir, exist_ok=True)
-            log = os.path.join(output_dir, LOG_FILE)
-            if fresh and os.path.isfile(log):
-                os.remove(log)
+            for name in remove_stale_temporaries(output_dir):
+                logger.warning("Removed %s, left in %s by a run that was stopped while saving", name, output_dir)
+            self._before = set(os.listdir(output_dir)) if os.path.isdir(output_dir) else None
+            with writing(output_dir):
+                os.makedirs(output_dir, exist_ok=True)
+                log = os.path.join(output_dir, LOG_FILE)
+                if fresh and os.path.isfile(log):
+                    os.remove(log)
             write_json_atomic(os.path.join(output_dir, "run_args.json"), {
                 "argv": list(sys.argv if argv is None else argv), "args": vars(args),
                 "resolved": _plain(resolved), "world_size": self.ctx.world_size, "device": str(self.ctx.device)})
         barrier()
         set_seed(seed + self.ctx.rank)
+
+    def discard_bookkeeping(self) -> None:
+        """After a failure: if this run wrote only its bookkeeping into the output folder (run_args.json, an
+        empty log, TensorBoard's folder) and nothing of value (no checkpoint, model, result or logged step),
+        remove it, so that the corrected command runs into the same folder without --overwrite_output_dir."""
+        if not self.ctx.is_main or self.output_dir is None or not os.path.isdir(self.output_dir):
+            return
+        self.close()
+        new = set(os.listdir(self.output_dir)) - (self._before or set())
+        log = os.path.join(self.output_dir, LOG_FILE)
+        logged = os.path.isfile(log) and os.path.getsize(log) > 0
+        if logged or not new <= BOOKKEEPING:
+            return
+        for name in new:
+            remove_path(os.path.join(self.output_dir, name))
+        if self._before is None and not os.listdir(self.output_dir):
+            os.rmdir(self.output_dir)
 
     def writer(self) -> Any:
         """The run's TensorBoard writer (under <output_dir>/runs) on rank 0, None on the others; closed when
@@ -91,6 +115,9 @@ def script_context(args: Any, argv: Sequence[str] | None, resolve: Callable[[Any
         run = resolve(args, session.ctx)
         session.start(run.output_dir, argv, args, resolved=run, seed=args.seed, fresh=not run.resume)
         yield session, run
+    except Exception:
+        session.discard_bookkeeping()
+        raise
     finally:
         session.close()
         cleanup_distributed()

@@ -2,12 +2,11 @@
 
 from __future__ import annotations
 
+import errno
 import logging
 import os
 import sys
 from typing import Callable, Sequence
-
-from common.io import write_json_atomic
 
 # A caller that runs a script as a program (common.bench) names a file here to get what the script's main()
 # returned, as JSON.
@@ -27,16 +26,24 @@ def file_error(path: str, line: int | None, reason: str, fix: str | None = None)
     return UserError(message)
 
 
+# A file system that refuses a write is the user's to fix (space, permissions, a read-only mount), not a bug.
+USER_ERRNOS = (errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM)
+
+
 def run_cli(main: Callable[[Sequence[str] | None], object], argv: Sequence[str] | None = None) -> int:
-    """Run a script's main(); a UserError becomes one line on stderr and exit code 2. When the environment
-    variable COMPRESS_BERT_RESULTS_JSON names a file, what main() returned is written there as JSON (by rank 0
-    alone under torchrun)."""
+    """Run a script's main(); a UserError (or a write the file system refused) becomes one line on stderr and
+    exit code 2. When the environment variable COMPRESS_BERT_RESULTS_JSON names a file, what main() returned
+    is written there as JSON (by rank 0 alone under torchrun)."""
+    from common.io import write_json_atomic  # here: common.io raises this module's errors
+
     try:
         result = main(argv)
     except UserError as err:
-        logging.getLogger(__name__).debug("user error", exc_info=True)
-        print(f"error: {err}", file=sys.stderr)
-        return 2
+        return _fail(str(err))
+    except OSError as err:
+        if err.errno not in USER_ERRNOS:
+            raise
+        return _fail(f"cannot write {err.filename or 'a file'}: {err.strerror}")
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
@@ -44,3 +51,9 @@ def run_cli(main: Callable[[Sequence[str] | None], object], argv: Sequence[str] 
     if target and os.environ.get("RANK", "0") == "0":
         write_json_atomic(target, result)
     return 0
+
+
+def _fail(message: str) -> int:
+    logging.getLogger(__name__).debug("user error", exc_info=True)
+    print(f"error: {message}", file=sys.stderr)
+    return 2

@@ -4,7 +4,9 @@ bad path gets one clear line, not a traceback), the names of its weight files, a
 from __future__ import annotations
 
 import os
+import zipfile
 
+from safetensors import SafetensorError, safe_open
 from torch import nn
 
 from common.errors import UserError
@@ -29,6 +31,22 @@ def check_model_folder(path: str) -> None:
     if missing:
         raise UserError(f"{path} is not a complete model folder: {' and '.join(missing)} missing; point "
                         "--model_name_or_path at a folder written by save_pretrained (or a finished checkpoint)")
+    for name in sorted(os.listdir(path)):
+        check_weights_file(os.path.join(path, name))
+
+
+def check_weights_file(file: str, fix: str = "save or copy the model again") -> None:
+    """A safetensors file must have a complete header and cover its tensors, a .bin file must be a complete
+    archive: a truncated or corrupt one is a clear error here rather than a traceback inside from_pretrained."""
+    if file.endswith(".safetensors"):
+        try:
+            with safe_open(file, framework="pt") as f:
+                f.keys()
+        except (SafetensorError, OSError) as err:
+            raise UserError(f"{file} is damaged ({str(err).splitlines()[0]}); {fix}") from None
+    elif file.endswith(".bin") and os.path.basename(file).startswith("pytorch_model") and \
+            not zipfile.is_zipfile(file):
+        raise UserError(f"{file} is damaged (not a complete torch.save archive); {fix}")
 
 
 def find_encoder_layers(model: nn.Module) -> tuple[str, nn.ModuleList]:

@@ -64,7 +64,7 @@ from common.models.student import (
     load_teacher,
 )
 from common.pretrained import check_model_folder
-from common.training import Stage, TrainConfig, param_groups, predict, train
+from common.training import Stage, TrainConfig, param_groups, plan_steps, predict, train
 
 logger = logging.getLogger("distill")
 
@@ -603,13 +603,17 @@ def distill(ctx: DistContext, args: argparse.Namespace, run: Run, student: nn.Mo
                   lambda: param_groups(student.named_parameters(), args.learning_rate, args.weight_decay),
                   on_log=Throughput(ctx, batches))
     (result,) = train(ctx, cfg, student, [stage], batches, save, tb_writer=writer, resume_from=run.resume)
-    tokens = sum(all_gather_objects((batches.total_tokens, batches.total_padded), ctx), start=np.zeros(2))
-    summary = {**asdict(result), "tokens": int(tokens[0]),
-               "tokens_per_second": float(tokens[0]) / max(result.seconds, 1e-9),
-               "padding_share": float(1.0 - tokens[0] / max(tokens[1], 1)), "group_by_size": args.group_by_size}
+    this_run = int(sum(all_gather_objects(batches.total_tokens, ctx)))
+    plan = plan_steps(batches.batches_per_epoch(ctx), cfg, ctx.world_size)
+    tokens, padded = batches.planned_tokens(ctx.world_size, result.global_step, plan.updates_per_epoch,
+                                            cfg.gradient_accumulation_steps)  # the whole run, a resumed one too
+    summary = {**asdict(result), "tokens": tokens, "tokens_this_run": this_run,
+               "tokens_per_second": this_run / result.seconds if this_run else None,
+               "padding_share": 1.0 - tokens / padded if padded else None, "group_by_size": args.group_by_size}
     save_final_model(ctx, save, run.output_dir, what="student")
-    logger.info("%.0f tokens/s, %.1f%% of each batch padding", summary["tokens_per_second"],
-                100 * summary["padding_share"])
+    if this_run:
+        logger.info("%.0f tokens/s, %.1f%% of each batch padding", summary["tokens_per_second"],
+                    100 * summary["padding_share"])
     return summary
 
 

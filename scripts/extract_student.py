@@ -23,12 +23,13 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 from typing import Any, Sequence
 
 from transformers import AutoTokenizer
 
-from common.errors import run_cli
+from common.errors import UserError, run_cli
 from common.models.student import (
     STUDENT_TYPES, STUDENTS_OF, TEACHER_TYPES, choose_layers, extract, load_teacher, num_layers, save_student,
 )
@@ -61,6 +62,9 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
 def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     args = parse_args(argv)
     logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO)
+    if os.path.exists(args.dump_checkpoint) and not os.path.isdir(args.dump_checkpoint):
+        raise UserError(f"--dump_checkpoint {args.dump_checkpoint} is a file: the student is a folder (config, "
+                        "weights, tokenizer); name a folder")
     teacher = load_teacher(args.model_name, args.model_type, args.cache_dir)
     teacher_type = teacher.config.model_type
     student_type = args.student_type or STUDENTS_OF[teacher_type][0]

@@ -215,14 +215,22 @@ def test_resume_gives_the_same_weights_as_an_uninterrupted_run(mlm_setup, tmp_pa
     common = ["--max_steps", "6", "--checkpoint_interval", "3", "--gradient_accumulation_steps", "2",
               "--alpha_ce", "1", "--alpha_mlm", "1", "--alpha_cos", "1"]
     full = tmp_path / "full"
-    distill.main(mlm_args(mlm_setup, full, *common))
+    full_results = distill.main(mlm_args(mlm_setup, full, *common))
     resumed = tmp_path / "resumed"
-    distill.main(mlm_args(mlm_setup, resumed, *common, "--resume_from_checkpoint", str(full / "checkpoint-000003")))
+    resumed_results = distill.main(mlm_args(mlm_setup, resumed, *common, "--resume_from_checkpoint",
+                                            str(full / "checkpoint-000003")))
     a, b = load_file(str(full / "model.safetensors")), load_file(str(resumed / "model.safetensors"))
     assert a.keys() == b.keys()
     assert not [k for k in a if not torch.equal(a[k], b[k])]
     steps = [json.loads(line)["step"] for line in (resumed / "log_history.jsonl").read_text().splitlines()]
     assert steps == [4, 6]
+    # all_results counts the whole run's tokens, replayed from the batch plan: what the uninterrupted run counted
+    # as it went, also after a resume (whose own share is reported apart).
+    whole, part = full_results["train"], resumed_results["train"]
+    assert whole["tokens"] == whole["tokens_this_run"] == part["tokens"]
+    assert 0 < part["tokens_this_run"] < part["tokens"]
+    assert part["padding_share"] == whole["padding_share"]
+    assert json.loads((resumed / "all_results.json").read_text())["train"]["tokens"] == whole["tokens"]
 
 
 def test_gpt2_student_learns_causally(tiny_gpt2_dir, lm_corpus_dir, tmp_path):

@@ -313,6 +313,7 @@ def test_bad_squad_files_write_nothing(damage, pattern, squad_bert_dir, squad_v1
     with pytest.raises(UserError, match=pattern):
         script.main(squad_args(squad_bert_dir, str(data), out, "--do_train", "--do_eval"))
     assert not (out / "model.safetensors").exists() and not (out / "runs").exists()
+    assert not out.exists()  # nothing of value was made: the corrected command can run into the same folder
     assert not list(data.glob("cached_*"))
 
 

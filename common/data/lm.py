@@ -635,6 +635,22 @@ class LmBatches:
         inputs, labels = self.label(ids, attention_mask)
         return {"input_ids": inputs, "attention_mask": attention_mask, "labels": labels}
 
+    def planned_tokens(self, world_size: int, total_steps: int, updates_per_epoch: int,
+                       accumulation: int) -> tuple[int, int]:
+        """(real, padded) tokens of every batch a whole run of `total_steps` takes over all ranks, replayed from
+        the batch plan (a pure function of seed and epoch): what a resumed run reports for the whole run."""
+        real = padded = 0
+        epoch, steps_left = 0, total_steps
+        while steps_left > 0:
+            steps = min(steps_left, updates_per_epoch)
+            for rank in range(world_size):
+                ctx = DistContext(device=torch.device("cpu"), rank=rank, world_size=world_size)
+                for batch in self.epoch(epoch, ctx)[: steps * accumulation]:
+                    lengths = self.data.lengths[np.asarray(batch, dtype=np.int64)]
+                    real, padded = real + int(lengths.sum()), padded + len(lengths) * int(lengths.max())
+            epoch, steps_left = epoch + 1, steps_left - steps
+        return real, padded
+
     def take_counts(self) -> tuple[int, int]:
         """(real, padded) tokens batched since the last call."""
         counts, self.tokens, self.padded = (self.tokens, self.padded), 0, 0
