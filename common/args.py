@@ -11,6 +11,23 @@ from typing import Any, Mapping, Sequence
 from common.errors import UserError
 
 
+class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """--help with each flag's default, except where the help text already says it, where there is none to show
+    (None), and on on/off switches (a store_false twin would show the other flag's default)."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text = action.help or ""
+        if "default" in text.lower() or action.default in (None, "", argparse.SUPPRESS) or \
+                isinstance(action, (argparse._StoreTrueAction, argparse._StoreFalseAction)):
+            return text
+        return super()._get_help_string(action)
+
+
+def script_parser(doc: str | None) -> argparse.ArgumentParser:
+    """A script's parser: its description is the first paragraph of the module docstring."""
+    return argparse.ArgumentParser(description=(doc or "").split("\n\n")[0], formatter_class=HelpFormatter)
+
+
 def add_model_args(parser: argparse.ArgumentParser) -> None:
     g = parser.add_argument_group("model")
     g.add_argument("--model_type", default=None, type=str.lower,
@@ -22,6 +39,13 @@ def add_model_args(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--tokenizer_name", default="", help="Tokenizer name or path, if not the model's.")
     g.add_argument("--cache_dir", default="", help="Where downloaded models are stored.")
     g.add_argument("--do_lower_case", action="store_true", help="Lower-case the input (uncased models).")
+
+
+def add_disable_tqdm_arg(group: Any) -> None:
+    """--disable_tqdm (transformers' name), which script_context applies through common.progress.configure."""
+    group.add_argument("--disable_tqdm", action="store_true",
+                       help="No progress bars and no progress log lines (TQDM_DISABLE=1 does the same). Outside a "
+                            "terminal, progress is a log line every 30 s instead of a bar.")
 
 
 def add_training_args(parser: argparse.ArgumentParser) -> None:
@@ -45,7 +69,13 @@ def add_training_args(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--max_steps", default=-1, type=int, help="If > 0: optimizer steps to take (overrides epochs).")
     g.add_argument("--warmup_steps", default=0, type=int, help="Linear warmup steps.")
     g.add_argument("--logging_steps", default=50, type=int, help="Log loss and learning rate every N steps.")
+    add_disable_tqdm_arg(g)
     g.add_argument("--save_steps", default=500, type=int, help="Save a checkpoint every N steps (0: never).")
+    add_convention_args(g)
+    g.add_argument("--max_train_samples", default=None, type=int,
+                   help="Train on the first N examples only (after caching: the cache stays the full file's).")
+    g.add_argument("--max_eval_samples", default=None, type=int,
+                   help="Evaluate on the first N examples only (after caching).")
     g.add_argument("--resume_from_checkpoint", default=None, metavar="PATH|latest",
                    help="Continue a run from a checkpoint folder, or from the newest one in --output_dir.")
     g.add_argument("--seed", default=42, type=int, help="Random seed.")
@@ -59,13 +89,24 @@ def add_training_args(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--bf16", action="store_true", help="Mixed precision with bfloat16 via torch.amp.")
 
 
+def add_convention_args(g: Any) -> None:
+    """--save_total_limit and --report_to, the Hugging Face examples' spellings (every script has them)."""
+    g.add_argument("--save_total_limit", default=0, type=int,
+                   help="Keep only the newest N checkpoints in the output folder, deleting older ones (0: all).")
+    g.add_argument("--report_to", default="tensorboard", choices=("tensorboard", "none"),
+                   help="Where training is logged besides log_history.jsonl: TensorBoard events under runs/, "
+                        "or none.")
+
+
 def add_run_args(parser: argparse.ArgumentParser, title: str, train_help: str, eval_help: str,
-                 during_help: str) -> argparse._ArgumentGroup:
-    """--do_train, --do_eval, --evaluate_during_training and --eval_all_checkpoints, in a group of their own
-    that the script may add to."""
+                 during_help: str, predict_help: str | None = None) -> argparse._ArgumentGroup:
+    """--do_train, --do_eval, --evaluate_during_training and --eval_all_checkpoints (and --do_predict, given its
+    help), in a group of their own that the script may add to."""
     g = parser.add_argument_group(title)
     g.add_argument("--do_train", action="store_true", help=train_help)
     g.add_argument("--do_eval", action="store_true", help=eval_help)
+    if predict_help is not None:
+        g.add_argument("--do_predict", action="store_true", help=predict_help)
     g.add_argument("--evaluate_during_training", action="store_true", help=during_help)
     g.add_argument("--eval_all_checkpoints", action="store_true",
                    help="Also evaluate every checkpoint-* folder in --output_dir.")
@@ -89,9 +130,12 @@ def check_training_args(args: argparse.Namespace) -> list[str]:
         problems.append(f"--learning_rate must be a positive number (got {args.learning_rate})")
     if args.num_train_epochs <= 0 and args.max_steps <= 0:
         problems.append("--num_train_epochs must be positive (or give --max_steps)")
-    for name in ("weight_decay", "max_grad_norm", "warmup_steps", "logging_steps", "save_steps"):
-        if getattr(args, name) < 0:
+    for name in ("weight_decay", "max_grad_norm", "warmup_steps", "logging_steps", "save_steps", "save_total_limit"):
+        if getattr(args, name, 0) < 0:
             problems.append(f"--{name} cannot be negative (got {getattr(args, name)})")
+    for name in ("max_train_samples", "max_eval_samples"):
+        if getattr(args, name, None) is not None and getattr(args, name) < 1:
+            problems.append(f"--{name} must be at least 1 (got {getattr(args, name)})")
     return problems
 
 
@@ -109,8 +153,8 @@ def check_run_args(args: argparse.Namespace, device: Any) -> list[str]:
     """Problems with the flags the fine-tuning scripts share: training values, precision, something to do,
     and a model and its data given together (or neither, for the built-in demo)."""
     problems = check_training_args(args) + check_precision_flags(args.fp16, args.bf16, device)
-    if not args.do_train and not args.do_eval:
-        problems.append("nothing to do: add --do_train and/or --do_eval")
+    if not args.do_train and not args.do_eval and not getattr(args, "do_predict", False):
+        problems.append("nothing to do: add --do_train, --do_eval and/or --do_predict")
     if (args.model_name_or_path is None) != (args.data_dir is None):
         problems.append("give both --model_name_or_path and --data_dir (or neither, for the built-in demo)")
     return problems

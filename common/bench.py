@@ -16,6 +16,7 @@ from typing import Any, Callable, Mapping, Sequence
 import torch
 import transformers
 
+from common.args import script_parser
 from common.errors import RESULTS_ENV, UserError
 from common.io import write_json_atomic
 
@@ -77,8 +78,7 @@ def abba_order(repeats: int) -> list[bool]:
 
 def bench_parser(doc: str, model_help: str) -> argparse.ArgumentParser:
     """A bench's argument parser, with the model it measures (a local folder) as its first flag."""
-    parser = argparse.ArgumentParser(description=doc.split("\n\n")[0],
-                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser = script_parser(doc)
     parser.add_argument("--model_name_or_path", required=True, help=model_help)
     return parser
 

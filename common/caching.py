@@ -107,3 +107,16 @@ def load_and_cache_examples(
             except OSError as err:
                 logger.warning("Could not write feature cache %s (%s); continuing without it", path, err)
         return features
+
+
+def first_examples(features: Mapping[str, torch.Tensor], n: int | None, example_index: str | None = None
+                   ) -> dict[str, torch.Tensor]:
+    """--max_train_samples / --max_eval_samples: the first `n` examples of a featurized set (all of it when n is
+    None), cut after caching so that the cache stays keyed by the whole file. With `example_index`, rows are
+    windows of examples (SQuAD) and those of the first n examples are kept."""
+    if n is None:
+        return dict(features)
+    if example_index is None:
+        return {k: v[:n] for k, v in features.items()}
+    keep = features[example_index] < n
+    return {k: v[keep] for k, v in features.items()}

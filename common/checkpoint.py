@@ -120,6 +120,38 @@ def find_checkpoints(output_dir: str) -> list[str]:
     return [p for _, p in sorted(found)]
 
 
+def rotate_checkpoints(output_dir: str, limit: int, keep: tuple[str | None, ...] = (),
+                       protect: str | None = None) -> list[str]:
+    """--save_total_limit: delete the checkpoints of output_dir older than its newest `limit` complete ones (by
+    stored progress); `keep` (the one just saved) is never deleted, nor `protect` (the one this run resumed
+    from) while no newer checkpoint exists. Each goes by a rename to a temporary name first, so `latest` never
+    sees half a folder. Returns the folders deleted (rank 0 calls this)."""
+    if limit <= 0:
+        return []
+    found = find_checkpoints(output_dir)
+    complete = []
+    for path in found:
+        try:
+            verify_checkpoint(path)
+        except UserError:
+            continue  # a damaged one neither counts toward the limit nor is deleted here (`latest` passes it over)
+        complete.append(path)
+    same = {os.path.realpath(p) for p in keep if p}
+    kept = set(map(os.path.realpath, complete[-limit:])) | same
+    if protect and os.path.realpath(protect) in map(os.path.realpath, found[-1:]):
+        kept.add(os.path.realpath(protect))
+    removed = []
+    for path in complete:
+        if os.path.realpath(path) in kept:
+            continue
+        doomed = temp_name(path)
+        os.replace(path, doomed)
+        remove_path(doomed)
+        removed.append(path)
+        logger.info("Deleted %s (--save_total_limit %d)", path, limit)
+    return removed
+
+
 def verify_checkpoint(path: str) -> TrainState:
     """The checkpoint's progress, once its files have been checked to be whole (every saved tensor file a
     complete archive, every safetensors file with a complete header): a clear error naming the damaged file."""

@@ -17,6 +17,7 @@ import os
 import sys
 from typing import Any, Callable, Iterator, Mapping, Sequence
 
+from common import progress
 from common.checkpoint import find_checkpoints
 from common.distributed import DistContext, barrier, cleanup_distributed, main_process_first, setup_distributed
 from common.io import remove_path, remove_stale_temporaries, save_folder_atomic, write_json_atomic, writing
@@ -26,7 +27,8 @@ from common.training import set_seed
 logger = logging.getLogger(__name__)
 
 LOG_FILE = "log_history.jsonl"
-BOOKKEEPING = {"run_args.json", LOG_FILE, "runs"}  # what a run writes before it has made anything of value
+TB_FOLDER = "runs"
+BOOKKEEPING = {"run_args.json", LOG_FILE, TB_FOLDER}  # what a run writes before it has made anything of value
 
 
 class Session:
@@ -37,22 +39,25 @@ class Session:
         self.output_dir: str | None = None
         self._before: set[str] | None = None  # what the output folder held before this run wrote into it
         self._writer: Any = None
+        self.report_to = "tensorboard"  # --report_to: "none" makes writer() None (log_history.jsonl stays)
 
     def start(self, output_dir: str, argv: Sequence[str] | None, args: Any, resolved: Any, seed: int,
               fresh: bool) -> None:
         """The run really starts: rank 0 removes temporaries that killed runs left in the output folder, creates
-        it, replaces a previous run's log when this one is fresh (a resumed run appends), writes run_args.json;
+        it, removes a previous run's log and TensorBoard events when this one is fresh (a resumed run appends),
+        writes run_args.json;
         then every rank is seeded with seed + rank."""
         self.output_dir = output_dir
+        self.report_to = getattr(args, "report_to", "tensorboard")
         if self.ctx.is_main:
             for name in remove_stale_temporaries(output_dir):
                 logger.warning("Removed %s, left in %s by a run that was stopped while saving", name, output_dir)
             self._before = set(os.listdir(output_dir)) if os.path.isdir(output_dir) else None
             with writing(output_dir):
                 os.makedirs(output_dir, exist_ok=True)
-                log = os.path.join(output_dir, LOG_FILE)
-                if fresh and os.path.isfile(log):
-                    os.remove(log)
+                if fresh:  # a fresh run's log and TensorBoard curves start empty, not appended to an old run's
+                    remove_path(os.path.join(output_dir, LOG_FILE))
+                    remove_path(os.path.join(output_dir, TB_FOLDER))
             write_json_atomic(os.path.join(output_dir, "run_args.json"), {
                 "argv": list(sys.argv if argv is None else argv), "args": vars(args),
                 "resolved": _plain(resolved), "world_size": self.ctx.world_size, "device": str(self.ctx.device)})
@@ -77,12 +82,12 @@ class Session:
             os.rmdir(self.output_dir)
 
     def writer(self) -> Any:
-        """The run's TensorBoard writer (under <output_dir>/runs) on rank 0, None on the others; closed when
-        the context ends."""
-        if self._writer is None and self.ctx.is_main and self.output_dir is not None:
+        """The run's TensorBoard writer (under <output_dir>/runs) on rank 0, None on the others and with
+        --report_to none; closed when the context ends."""
+        if self._writer is None and self.ctx.is_main and self.output_dir is not None and self.report_to != "none":
             from tensorboardX import SummaryWriter
 
-            self._writer = SummaryWriter(logdir=os.path.join(self.output_dir, "runs"))
+            self._writer = SummaryWriter(logdir=os.path.join(self.output_dir, TB_FOLDER))
         return self._writer
 
     def close(self) -> None:
@@ -107,9 +112,10 @@ def script_context(args: Any, argv: Sequence[str] | None, resolve: Callable[[Any
     """The prologue: distributed + logging set up, the run resolved by the script's `resolve(args, ctx)` (its
     validation: one error naming every problem, before anything is written), then `Session.start` (output
     folder, run_args.json, a fresh log unless resuming, seeds). Yields (session, run); tears everything down
-    (writer closed, process group destroyed) however the block ends. `args` needs no_cuda, local_rank and
-    seed; the resolved run needs output_dir and resume."""
+    (writer closed, process group destroyed, progress settings put back) however the block ends. `args` needs
+    no_cuda, local_rank and seed (and may have disable_tqdm); the resolved run needs output_dir and resume."""
     session = Session(setup_distributed(args.no_cuda, args.local_rank))
+    restore_progress = progress.configure(disable=getattr(args, "disable_tqdm", False), main=session.ctx.is_main)
     try:
         setup_logging(session.ctx)
         run = resolve(args, session.ctx)
@@ -121,6 +127,7 @@ def script_context(args: Any, argv: Sequence[str] | None, resolve: Callable[[Any
     finally:
         session.close()
         cleanup_distributed()
+        restore_progress()
 
 
 def build_on_main(ctx: DistContext, build: Callable[[], Any]) -> None:

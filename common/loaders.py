@@ -23,14 +23,15 @@ def load_tokenizer(path: str, cache_dir: str | None = None, do_lower_case: bool 
     return tokenizer
 
 
-def model_saver(model: Any, tokenizer: Any = None, prepare: Callable[[], None] | None = None
+def model_saver(model: Any, tokenizer: Any = None, save_model: Callable[[Any, str], None] | None = None
                 ) -> Callable[[str], None]:
-    """`save(folder)` for checkpoints and the final model: `prepare()` (e.g. record the pruning state in the
-    config), then the model's and the tokenizer's save_pretrained."""
+    """`save(folder)` for checkpoints and the final model: the model's save_pretrained (or `save_model(model,
+    folder)`, e.g. masked.save_masked_model), then the tokenizer's."""
     def save(folder: str) -> None:
-        if prepare is not None:
-            prepare()
-        model.save_pretrained(folder)
+        if save_model is not None:
+            save_model(model, folder)
+        else:
+            model.save_pretrained(folder)
         if tokenizer is not None:
             tokenizer.save_pretrained(folder)
     return save

@@ -3,9 +3,10 @@
 The scripts differ in their stages, losses, parameter groups and batch sources, not in how they step,
 accumulate, clip, log, checkpoint or resume. `train()` runs the script's stages in order: a `Stage` is a value
 (name, loss step, parameter groups with their own learning rate, hooks), and the loop does the rest (AdamW +
-linear warmup/decay, accumulation, clipping, torch.amp, DDP, tqdm, tensorboardX, a JSON-lines log, atomic
-checkpoints and exact resume, which finds its stage from the checkpoint). Scalars from the loss step are summed
-as tensors over the logging window and reduced across ranks once per log, never synced per micro-batch.
+linear warmup/decay, accumulation, clipping, torch.amp, DDP, a progress bar (common.progress), tensorboardX, a
+JSON-lines log, atomic checkpoints and exact resume, which finds its stage from the checkpoint). Scalars from
+the loss step are summed as tensors over the logging window and reduced across ranks once per log, never synced
+per micro-batch.
 `predict()` runs a model function over a dataset sharded across ranks and gathers the outputs so that every
 example is counted exactly once.
 """
@@ -25,13 +26,13 @@ from typing import Any, Callable, Iterable, Mapping, Sequence
 import numpy as np
 import torch
 from torch import nn
-from tqdm.auto import tqdm
 from transformers import get_linear_schedule_with_warmup
 
 from common.batches import Batch, BatchSource, TensorBatches, per_rank_batches
-from common.checkpoint import TrainState, load_checkpoint, read_checkpoint_state, save_checkpoint
+from common.checkpoint import TrainState, load_checkpoint, read_checkpoint_state, rotate_checkpoints, save_checkpoint
 from common.distributed import DistContext, all_gather_objects, shard_indices
 from common.errors import UserError
+from common.progress import progress_bar
 
 logger = logging.getLogger(__name__)
 
@@ -63,6 +64,7 @@ class TrainConfig:
     logging_steps: int = 50
     save_steps: int = 0
     save_each_epoch: bool = False
+    save_total_limit: int = 0  # > 0: keep only the newest N checkpoints of output_dir (rank 0 deletes the rest)
     seed: int = 42
     fp16: bool = False
     bf16: bool = False
@@ -246,6 +248,7 @@ class _StageRun:
         self.window = ScalarWindow()
         self.window_loss, self.window_steps, self.examples_seen = 0.0, 0, 0
         self.last_checkpoint: str | None = None
+        self.resumed_from: str | None = None  # the run's checkpoint: kept by --save_total_limit until a newer one
 
     def resume(self, path: str) -> None:
         state = load_checkpoint(self.ctx, path, self.optimizer, self.scheduler, self.scaler)
@@ -263,8 +266,8 @@ class _StageRun:
                     cfg.per_device_batch_size * cfg.gradient_accumulation_steps * ctx.world_size, plan.total_steps,
                     plan.warmup_steps)
         start = time.perf_counter()
-        bar = tqdm(total=plan.total_steps, initial=state.global_step, desc=f"train {self.stage.name}",
-                   disable=not ctx.is_main, dynamic_ncols=True)
+        bar = progress_bar(total=plan.total_steps, initial=state.global_step, desc=f"train {self.stage.name}",
+                           disable=not ctx.is_main)
         self.model.train()
         try:
             while state.global_step < plan.total_steps:
@@ -381,6 +384,9 @@ class _StageRun:
     def _checkpoint(self) -> None:
         self.last_checkpoint = save_checkpoint(self.ctx, self.cfg.output_dir, self.state, self.optimizer,
                                                self.scheduler, self.scaler, self.save_model)
+        if self.cfg.save_total_limit > 0 and self.ctx.is_main:
+            rotate_checkpoints(self.cfg.output_dir, self.cfg.save_total_limit, keep=(self.last_checkpoint,),
+                               protect=self.resumed_from)
 
 
 def check_plan(path: str, state: TrainState, plan: StepPlan) -> None:
@@ -431,6 +437,7 @@ def train(
             stage.enter()
         runner = _StageRun(ctx, cfg, model, stage, index, source, plan, save_model, tb_writer)
         set_seed(cfg.seed + ctx.rank)
+        runner.resumed_from = resume_from
         if resume_from and index == first:
             runner.resume(resume_from)
         result = runner.run()
@@ -465,8 +472,7 @@ def predict(
         torch.cuda.synchronize(ctx.device)
     start = time.perf_counter()
     with torch.no_grad():
-        for i in tqdm(range(0, len(mine), batch_size), desc=desc, disable=not ctx.is_main, dynamic_ncols=True,
-                      leave=False):
+        for i in progress_bar(range(0, len(mine), batch_size), desc=desc, disable=not ctx.is_main, leave=False):
             batch = source.collate(mine[i : i + batch_size], ctx.device)
             with autocast_context(ctx.device, fp16, bf16):
                 out = step(batch)

@@ -19,6 +19,8 @@ from matplotlib.backend_bases import FigureCanvasBase
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 from matplotlib.ticker import MaxNLocator
+from matplotlib.text import Text
+from matplotlib.transforms import Bbox
 
 from common.io import atomic_path
 
@@ -221,10 +223,12 @@ def plot_early_exit_sweep(
     metric_name: str,
     title: str | None = None,
 ) -> Figure:
-    """Two panels of an entropy-threshold sweep: metric vs average exit layer, and metric vs measured speed-up.
+    """Two panels of an entropy-threshold sweep: metric vs average exit layer, and metric vs measured speed-up
+    (with a dashed line at 1.0x, no speed-up).
 
     Each point needs `threshold`, `metric`, `avg_exit_layer` and `speedup` (optional `num_layers` sets the
-    exit-layer axis range). Points are drawn in threshold order and labelled with their threshold.
+    exit-layer axis range). Points are drawn in threshold order and labelled with their threshold, placed so
+    that labels do not overlap (see `_label_points`).
     """
     if not points:
         raise ValueError("plot_early_exit_sweep needs at least one point")
@@ -246,12 +250,12 @@ def plot_early_exit_sweep(
     )
     for ax, xs, xlabel in panels:
         ax.plot(xs, metrics, marker="o")
-        for x, y, threshold in zip(xs, metrics, thresholds):
-            ax.annotate(f"{threshold:g}", (x, y), textcoords="offset points", xytext=(4, 4), fontsize=8)
         ax.margins(x=0.08, y=0.15)  # room for the threshold labels at the edges
         ax.set_xlabel(xlabel)
         ax.set_ylabel(metric_name)
         ax.grid(True, alpha=0.3)
+    ax_speed.axvline(1.0, color="0.35", linestyle="--", linewidth=1.2, label="no speed-up (1.0×)")
+    ax_speed.legend(loc="best", fontsize=8)
     num_layers = [int(p["num_layers"]) for p in ordered if p.get("num_layers")]
     if num_layers:
         ax_layer.set_xlim(0.5, max(num_layers) + 0.5)
@@ -259,7 +263,61 @@ def plot_early_exit_sweep(
     ax_layer.set_title("Metric vs average exit layer (labels: threshold)")
     ax_speed.set_title("Metric vs speed-up (labels: threshold)")
     fig.suptitle(title if title is not None else f"Early-exit sweep: {metric_name}")
+    fig.draw_without_rendering()  # the layout, the axis limits and the legend's place are final from here on
+    for ax, xs, _ in panels:
+        _label_points(ax, xs, metrics, [f"{t:g}" for t in thresholds])
     return fig
+
+
+_LABEL_FONTSIZE = 8
+# Where a label may go, tried in order: (dx, dy) offsets in points from its point, the text on that side of it.
+# The first ones touch the point; the others are further out and get a thin leader line.
+_LABEL_NEAR = ((4, 4), (4, -4), (-4, 4), (-4, -4), (0, 8), (0, -8))
+_LABEL_FAR = tuple((dx, dy) for dy in (16, -16, 28, -28, 40, -40) for dx in (10, -10, 0))
+
+
+def _label_points(ax: Any, xs: Sequence[float], ys: Sequence[float], labels: Sequence[str]) -> None:
+    """Annotate points with labels that overlap neither each other, nor any marker, nor the legend, and stay
+    inside the axes. Points whose markers mostly overlap share one label ("0, 0.05, 0.1"; "0–0.3" for more than three);
+    each label takes the first free spot near its point, else one further out with a leader line; a label with
+    no free spot anywhere is left out. Needs the final layout (draw the figure first)."""
+    fig = ax.figure
+    renderer = fig.canvas.get_renderer()
+    px_per_pt = fig.dpi / 72.0
+    pixels = ax.transData.transform(np.column_stack([xs, ys]))
+    radius = ax.lines[0].get_markersize() / 2 * px_per_pt
+    marker = radius + px_per_pt
+    taken = [Bbox.from_extents(x - marker, y - marker, x + marker, y + marker) for x, y in pixels]
+    legend = ax.get_legend()
+    if legend is not None:
+        taken.append(legend.get_window_extent(renderer))
+    inside = ax.get_window_extent(renderer)
+    groups: list[list[int]] = []
+    for i, (x, y) in enumerate(pixels):
+        near = next((g for g in groups if np.hypot(*(pixels[g[0]] - (x, y))) <= radius), None)
+        near.append(i) if near is not None else groups.append([i])
+    for group in groups:
+        names = [labels[i] for i in group]
+        text = ", ".join(names) if len(names) <= 3 else f"{names[0]}–{names[-1]}"
+        probe = Text(0, 0, text, fontsize=_LABEL_FONTSIZE)
+        probe.set_figure(fig)
+        size = probe.get_window_extent(renderer)
+        width, height = size.width, size.height
+        x, y = pixels[group[0]]
+        for far, (dx, dy) in [(False, o) for o in _LABEL_NEAR] + [(True, o) for o in _LABEL_FAR]:
+            left = x + dx * px_per_pt - (0 if dx > 0 else width if dx < 0 else width / 2)
+            bottom = y + dy * px_per_pt - (0 if dy > 0 else height)
+            box = Bbox.from_bounds(left - 1, bottom - 1, width + 2, height + 2)
+            if not (inside.contains(box.x0, box.y0) and inside.contains(box.x1, box.y1)) or \
+                    any(box.overlaps(other) for other in taken):
+                continue
+            taken.append(box)
+            ax.annotate(text, (xs[group[0]], ys[group[0]]), textcoords="offset points", xytext=(dx, dy),
+                        fontsize=_LABEL_FONTSIZE, ha="left" if dx > 0 else "right" if dx < 0 else "center",
+                        va="bottom" if dy > 0 else "top",
+                        arrowprops=dict(arrowstyle="-", color="0.4", linewidth=0.7, shrinkA=0, shrinkB=4)
+                        if far else None)
+            break
 
 
 def plot_training_curves(

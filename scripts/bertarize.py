@@ -27,6 +27,7 @@ import shutil
 import sys
 from typing import Any, Sequence
 
+from common.args import script_parser
 from common.errors import UserError, run_cli
 from common.models import masked
 from common.io import save_folder_atomic, write_json_atomic
@@ -38,8 +39,7 @@ TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_ma
 
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser = script_parser(__doc__)
     parser.add_argument("--model_name_or_path", required=True,
                         help="Folder of the fine-pruned (masked) model, or a compact folder to expand.")
     parser.add_argument("--target_model_path", default=None,

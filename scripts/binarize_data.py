@@ -24,6 +24,7 @@ import sys
 import time
 from typing import Any, Sequence
 
+from common.args import script_parser
 from common.data import lm
 from common.errors import UserError, run_cli
 from common.loaders import load_tokenizer
@@ -32,8 +33,7 @@ logger = logging.getLogger("binarize_data")
 
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser = script_parser(__doc__)
     parser.add_argument("--file_path", default="data/dump.txt", help="The text: one sequence per line, UTF-8.")
     parser.add_argument("--tokenizer_type", default=None, choices=sorted(lm.TOKENIZER_TYPES),
                         help="Picks the tokens around each line: [CLS]/[SEP] (bert, distilbert, roberta) or "

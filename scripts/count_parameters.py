@@ -22,14 +22,14 @@ from typing import Any, Sequence
 
 import torch
 
+from common.args import script_parser
 from common.errors import UserError, run_cli
 from common.models import masked
 from common.io import write_json_atomic
 
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser = script_parser(__doc__)
     parser.add_argument("--serialization_dir", "--model_name_or_path", dest="serialization_dir", required=True,
                         help="Folder of a fine-pruned (masked) model or of a bertarized checkpoint.")
     parser.add_argument("--pruning_method", default=None,

@@ -39,13 +39,14 @@ from typing import Any, Sequence
 
 import numpy as np
 import torch
+from safetensors import safe_open
 from torch import nn
 from transformers import AutoConfig
 
 from common import visualize
 from common.args import (
-    add_distributed_args, check_output_dir, check_precision_flags, check_training_args, parse_with_builtin_defaults,
-    raise_if_problems,
+    add_convention_args, add_disable_tqdm_arg, add_distributed_args, check_output_dir, check_precision_flags,
+    check_training_args, parse_with_builtin_defaults, raise_if_problems, script_parser,
 )
 from common.builtin.distill import prepare_builtin
 from common.checkpoint import resolve_resume_path
@@ -58,12 +59,15 @@ from common.distillation import (
 from common.distributed import DistContext, all_gather_objects, barrier, main_process_first
 from common.errors import UserError, run_cli
 from common.io import write_json_atomic
+from common.model_card import write_model_card
 from common.loaders import load_tokenizer, model_saver
 from common.models.student import (
     CAUSAL_TYPES, FAMILY, MODEL_CLASSES, POSITION_EMBEDDINGS, STUDENT_TYPES, TEACHER_TYPES, TOKEN_TYPE_EMBEDDINGS,
     load_teacher,
 )
+from common.models import masked
 from common.pretrained import check_model_folder
+from common.results import flat_metrics, train_metrics, write_run_results
 from common.training import Stage, TrainConfig, param_groups, plan_steps, predict, train
 
 logger = logging.getLogger("distill")
@@ -88,8 +92,7 @@ BUILTIN_DEFAULTS = {
 
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser = script_parser(__doc__)
     g = parser.add_argument_group("data")
     g.add_argument("--data_file", default=None,
                    help="Binarized training corpus (scripts/binarize_data.py). Left out together with "
@@ -180,8 +183,12 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     g.add_argument("--seed", default=56, type=int, help="Random seed.")
     g.add_argument("--log_interval", "--logging_steps", dest="logging_steps", default=500, type=int,
                    help="Log every loss term, the learning rate, speed and memory every N optimizer steps.")
+    add_disable_tqdm_arg(g)
     g.add_argument("--checkpoint_interval", "--save_steps", dest="save_steps", default=4000, type=int,
                    help="Also checkpoint every N optimizer steps (0: only at the end of each epoch).")
+    add_convention_args(g)
+    g.add_argument("--max_train_samples", default=None, type=int,
+                   help="Train on the first N sequences only (after splitting and dropping, as the log counts them).")
     g.add_argument("--resume_from_checkpoint", default=None, metavar="PATH|latest",
                    help="Continue from a checkpoint folder, or from the newest one in the output folder.")
     add_distributed_args(parser)
@@ -251,9 +258,14 @@ def flag_problems(args: argparse.Namespace, ctx: DistContext) -> list[str]:
     if args.teacher_name is not None and not (args.student_config or args.student_pretrained_weights):
         problems.append("give --student_config and/or --student_pretrained_weights (make an initialization from "
                         "the teacher's layers with scripts/extract_student.py)")
+    for flag in ("data_file", "eval_file"):
+        try:  # the original's .pickle names -> the .bin that binarize_data.py writes beside them
+            setattr(args, flag, getattr(args, flag) and lm.binarized_path(getattr(args, flag)))
+        except UserError as err:
+            problems.append(str(err))
     for flag in ("data_file", "token_counts", "eval_file", "student_config"):
         path = getattr(args, flag)
-        if path is not None and not os.path.exists(path):
+        if path is not None and not os.path.exists(path) and not path.endswith(".pickle"):
             problems.append(f"--{flag} {path}: no such file")
     if args.clm and args.restrict_ce_to_mask:
         problems.append("--restrict_ce_to_mask needs --mlm: a causal LM has no masked positions")
@@ -404,7 +416,16 @@ def load_student(args: argparse.Namespace, run: Run) -> nn.Module:
         logger.info("Student %s initialized at random (std %g)", run.student_type, args.initializer_range)
         return model_class(config)
     if os.path.isdir(run.student_weights):
-        return model_class.from_pretrained(run.student_weights, config=config)
+        try:
+            return model_class.from_pretrained(run.student_weights, config=config)
+        except (RuntimeError, ValueError) as err:  # e.g. a --student_config whose sizes do not fit the weights
+            stored = {}
+            for file in masked.weight_files(run.student_weights):
+                if file.endswith(".safetensors"):
+                    with safe_open(file, framework="pt") as f:
+                        stored.update({k: list(f.get_slice(k).get_shape()) for k in f.keys()})
+            raise UserError(f"the student weights in {run.student_weights} do not fit the student config "
+                            f"{run.student_config}: {shape_problem(model_class(config), stored, err)}") from None
     try:
         if run.student_weights.endswith(".safetensors"):
             from safetensors.torch import load_file
@@ -415,13 +436,27 @@ def load_student(args: argparse.Namespace, run: Run) -> nn.Module:
     except Exception as err:  # noqa: BLE001 - any unreadable file is the same user error
         raise UserError(f"cannot read student weights {run.student_weights}: {str(err).splitlines()[0]}") from None
     model = model_class(config)
-    result = model.load_state_dict(state, strict=False)
+    try:
+        result = model.load_state_dict(state, strict=False)
+    except RuntimeError as err:
+        raise UserError(f"{run.student_weights} does not fit the student config {run.student_config}: "
+                        f"{shape_problem(model, {k: list(v.shape) for k, v in state.items()}, err)}") from None
     if result.unexpected_keys or len(result.missing_keys) == len(model.state_dict()):
         raise UserError(f"{run.student_weights} does not hold {run.student_type} weights for this config "
                         f"(unexpected: {', '.join(result.unexpected_keys[:3]) or 'none'})")
     logger.info("Student weights from %s; %d tensor(s) start fresh: %s", run.student_weights,
                 len(result.missing_keys), ", ".join(result.missing_keys[:6]))
     return model
+
+
+def shape_problem(model: nn.Module, stored: dict[str, list[int]], err: Exception) -> str:
+    """The first tensor whose stored shape differs from the one the config gives (torch and transformers
+    report every mismatch over many lines, or only in a separate report)."""
+    for name, tensor in model.state_dict().items():
+        if name in stored and stored[name] != list(tensor.shape):
+            return (f"{name} is {stored[name]} in the weights but {list(tensor.shape)} in the config; give the "
+                    "config the weights were made with")
+    return str(err).splitlines()[0]
 
 
 def freeze_embeddings(student: nn.Module, args: argparse.Namespace, student_type: str) -> list[str]:
@@ -707,7 +742,15 @@ def loss_curves(log_path: str) -> dict[str, tuple[list[int], list[float]]]:
 def write_results(ctx: DistContext, run: Run, results: dict[str, Any]) -> None:
     if not ctx.is_main:
         return
-    write_json_atomic(os.path.join(run.output_dir, "all_results.json"), results)
+    evaluation = results.get("eval", {})
+    eval_flat = flat_metrics("eval_", {k: evaluation[k] for k in ("student", "teacher", "student_vs_teacher")
+                                       if k in evaluation})
+    if evaluation:
+        eval_flat["eval_samples"] = evaluation["sequences"]
+    # all_results.json keeps the nested summary it always had, with the flat Hugging Face keys beside it.
+    write_run_results(run.output_dir, train_metrics([results["train"]], results["data"]["sequences"]), eval_flat,
+                      base=results)
+    write_card(run, results)
     if "eval" in results:
         write_json_atomic(os.path.join(run.output_dir, "eval_results.json"), results["eval"])
     curves = loss_curves(os.path.join(run.output_dir, "log_history.jsonl"))
@@ -715,6 +758,32 @@ def write_results(ctx: DistContext, run: Run, results: dict[str, Any]) -> None:
         fig = visualize.plot_training_curves(curves, title=f"Distillation of a {run.student_type} student from a "
                                                            f"{run.teacher_type} teacher: loss terms")
         visualize.save(fig, os.path.join(run.output_dir, "loss_terms.png"))
+
+
+def write_card(run: Run, results: dict[str, Any]) -> None:
+    """The model card of the distilled student (README.md beside it)."""
+    losses = {k: v for k, v in asdict(run.losses).items() if k.startswith("alpha_") and v}
+    method = {"method": "knowledge distillation (DistilBERT recipe)", "student": run.student_type,
+              "student initialization": run.student_weights or f"random, from {run.student_config}",
+              "teacher": f"{run.teacher_path} ({run.teacher_type})", "objective": results["objective"],
+              "loss weights": ", ".join(f"{k} {v:g}" for k, v in losses.items()),
+              "temperature": run.losses.temperature, "training sequences": results["data"]["sequences"],
+              "steps": results["train"]["global_step"], "frozen": results["frozen"] or "nothing"}
+    metrics = None
+    if "eval" in results:
+        e = results["eval"]
+        metrics = {"student perplexity": e["student"]["perplexity"], "teacher perplexity": e["teacher"]["perplexity"],
+                   "student parameters / teacher's": e["student_vs_teacher"]["parameters"],
+                   "speed-up over the teacher": e["student_vs_teacher"]["speedup"]}
+    lm_class = "AutoModelForCausalLM" if run.causal else "AutoModelForMaskedLM"
+    write_model_card(
+        run.output_dir, f"Distilled {run.student_type} student",
+        f"A {run.student_type} language model distilled from the {run.teacher_type} teacher `{run.teacher_path}`: "
+        "it learned the teacher's softened output distribution along with its own LM objective.",
+        method, metrics, f"""from transformers import {lm_class}, AutoTokenizer
+
+model = {lm_class}.from_pretrained("{run.output_dir}")
+tokenizer = AutoTokenizer.from_pretrained("{run.output_dir}")""")
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -735,6 +804,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         max_len = max_input_length(args, tokenizer, teacher, student)
         token_file = open_corpus(ctx, run.data_file, tokenizer, run.causal, "training")
         data = lm.LmDataset(token_file, max_len, tokenizer.unk_token_id)
+        data.truncate(args.max_train_samples)
         logger.info("Training data: %s", data.describe())
         token_probs = None if run.causal else token_probabilities(ctx, run, token_file, tokenizer,
                                                                   teacher.config.vocab_size, args.mlm_smoothing)

@@ -29,6 +29,7 @@ from typing import Any, Sequence
 
 from transformers import AutoTokenizer
 
+from common.args import script_parser
 from common.errors import UserError, run_cli
 from common.models.student import (
     STUDENT_TYPES, STUDENTS_OF, TEACHER_TYPES, choose_layers, extract, load_teacher, num_layers, save_student,
@@ -38,8 +39,7 @@ logger = logging.getLogger("extract_student")
 
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser = script_parser(__doc__)
     parser.add_argument("--model_type", default=None, choices=sorted(TEACHER_TYPES),
                         help="Teacher family (checked against its config; inferred when left out).")
     parser.add_argument("--model_name", required=True, help="Teacher folder (or hub name), with its LM head.")

@@ -21,6 +21,7 @@ log_history.jsonl, TensorBoard events under runs/, checkpoint-stage{1,2}-NNNNNN/
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import os
 import sys
@@ -34,10 +35,10 @@ from transformers import AutoConfig
 from common import visualize
 from common.args import (
     add_distributed_args, add_model_args, add_run_args, add_training_args, check_output_dir, check_run_args,
-    parse_with_builtin_defaults, raise_if_problems,
+    parse_with_builtin_defaults, raise_if_problems, script_parser,
 )
 from common.builtin import glue as builtin
-from common.caching import file_identity, load_and_cache_examples, tokenizer_identity
+from common.caching import file_identity, first_examples, load_and_cache_examples, tokenizer_identity
 from common.checkpoint import resolve_resume_path
 from common.cli import build_on_main, evaluate_checkpoints, save_final_model, script_context
 from common.data import glue
@@ -45,6 +46,8 @@ from common.data.glue import eval_tasks
 from common.distributed import DistContext, barrier
 from common.errors import UserError, run_cli
 from common.io import write_json_atomic, write_text_atomic
+from common.model_card import write_model_card
+from common.results import flat_metrics, train_metrics, write_run_results
 from common.loaders import load_tokenizer as load_fast_tokenizer
 from common.loaders import model_saver
 from common.models.highway import STAGE1, STAGE2, EarlyExitModel, EntropyExit, ExitRule, PatienceExit
@@ -67,8 +70,7 @@ BUILTIN_DEFAULTS = {
 
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser = script_parser(__doc__)
     add_model_args(parser)
     g = parser.add_argument_group("data")
     g.add_argument("--task_name", default=None, help="GLUE task: " + ", ".join(glue.TASKS))
@@ -77,7 +79,10 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     add_training_args(parser)
     add_distributed_args(parser)
     g = add_run_args(parser, "DeeBERT", "Train both stages.", "Evaluate on the dev set.",
-                     "Evaluate the final classifier at every logging step of stage one.")
+                     "Evaluate the final classifier at every logging step of stage one.",
+                     predict_help="Predict the unlabelled test set (test.tsv; MNLI: test_matched.tsv and "
+                                  "test_mismatched.tsv) into predict_results_<task>.txt: with the final head, or "
+                                  "with early exit when a single --early_exit_entropy or --patience is given.")
     g.add_argument("--eval_after_first_stage", action="store_true",
                    help="Evaluate the final classifier between the two training stages.")
     g.add_argument("--off_ramp_learning_rate", type=float, default=None,
@@ -242,10 +247,11 @@ def load_features(ctx: DistContext, args: argparse.Namespace, run: Run, tokenize
                   split: str) -> dict[str, torch.Tensor]:
     """Featurized split, from the cache when nothing that shapes it has changed."""
     spec = glue.get_task(eval_task)
-    source = os.path.join(run.data_dir, spec.train_file if split == "train" else spec.dev_file)
+    source = os.path.join(run.data_dir, spec.file_for(split))
     if not os.path.isfile(source):
-        raise UserError(f"{source} not found: --data_dir should hold {spec.train_file} and {spec.dev_file} "
-                        f"for {eval_task}")
+        needs = (f"{spec.test_file}, the unlabelled test set of {eval_task}, for --do_predict" if split == "test"
+                 else f"{spec.train_file} and {spec.dev_file} for {eval_task}")
+        raise UserError(f"{source} not found: --data_dir should hold {needs}")
     key = {
         "task": eval_task, "split": split, "max_seq_length": args.max_seq_length,
         "tokenizer": tokenizer_identity(tokenizer), "source": file_identity(source), "featurizer": 1,
@@ -257,8 +263,9 @@ def load_features(ctx: DistContext, args: argparse.Namespace, run: Run, tokenize
         return glue.featurize(examples, tokenizer, eval_task, args.max_seq_length)
 
     model_tag = os.path.basename(os.path.normpath(run.tokenizer_path))
-    return load_and_cache_examples(ctx, run.data_dir, f"{split}_{model_tag}_{args.max_seq_length}_{eval_task}",
-                                   key, build, overwrite_cache=args.overwrite_cache)
+    features = load_and_cache_examples(ctx, run.data_dir, f"{split}_{model_tag}_{args.max_seq_length}_{eval_task}",
+                                       key, build, overwrite_cache=args.overwrite_cache)
+    return first_examples(features, {"train": args.max_train_samples, "dev": args.max_eval_samples}.get(split))
 
 
 def model_inputs(batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -275,7 +282,7 @@ def train_stages(ctx: DistContext, args: argparse.Namespace, run: Run, model: Ea
     their own learning rate. A resumed run continues in the stage its checkpoint belongs to."""
     train_set = load_features(ctx, args, run, tokenizer, run.task, "train")
     save = model_saver(model, tokenizer)
-    summary: dict[str, Any] = {}
+    summary: dict[str, Any] = {"num_examples": int(len(train_set["labels"]))}
 
     def evaluate_now(state: Any) -> dict[str, float]:
         metrics = evaluate_final_head(ctx, args, run, model, tokenizer)
@@ -329,6 +336,19 @@ def evaluate_final_head(ctx: DistContext, args: argparse.Namespace, run: Run, mo
     return out
 
 
+def exit_outputs(ctx: DistContext, args: argparse.Namespace, model: EarlyExitModel, data: dict[str, torch.Tensor],
+                 rule: ExitRule | None, desc: str) -> tuple[dict[str, np.ndarray], float]:
+    """Logits and exit layer of every row under `rule` (None: all layers), its labels where `data` has them,
+    gathered over ranks; and the wall time."""
+    def step(batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        logits, exit_layer = model.early_exit(rule, **model_inputs(batch))
+        labels = {"labels": batch["labels"]} if "labels" in batch else {}
+        return {"logits": logits, "exit_layer": exit_layer, **labels}
+
+    return predict(ctx, data, args.per_gpu_eval_batch_size, step, args.dynamic_padding, desc=desc, fp16=args.fp16,
+                   bf16=args.bf16)
+
+
 def evaluate(ctx: DistContext, args: argparse.Namespace, run: Run, model: EarlyExitModel, tokenizer: Any,
              eval_task: str) -> dict[str, Any]:
     """Final-head metrics, per-exit metrics, and one early-exit pass per rule, with wall time and speed-up."""
@@ -341,9 +361,7 @@ def evaluate(ctx: DistContext, args: argparse.Namespace, run: Run, model: EarlyE
                               "num_layers": num_layers, "primary_metric": primary}
 
     def run_rule(rule: ExitRule | None, desc: str) -> tuple[dict[str, np.ndarray], float]:
-        return predict(ctx, dev, bs, lambda b: dict(zip(("logits", "exit_layer"), model.early_exit(
-            rule, **model_inputs(b))), labels=b["labels"]), args.dynamic_padding, desc=desc,
-                       fp16=args.fp16, bf16=args.bf16)
+        return exit_outputs(ctx, args, model, dev, rule, desc)
 
     # One untimed batch first, so one-off start-up costs (allocator, kernels) do not land in the timings.
     warm = {k: v[:bs] for k, v in dev.items()}
@@ -398,7 +416,28 @@ def evaluate(ctx: DistContext, args: argparse.Namespace, run: Run, model: EarlyE
     return result
 
 
-def write_results(run: Run, results: dict[str, Any], ctx: DistContext) -> None:
+def merged_sweep(path: str, points: list[dict[str, Any]], model: str, merge: bool) -> list[dict[str, Any]]:
+    """This run's sweep merged into the one already at `path`, so that one run per threshold into the same
+    --plot_data_dir (the original's entropy_eval.sh) keeps every threshold: points of this run's rules replace
+    those of the same rule, points of other rules measured on the same model are kept; sorted by criterion and
+    threshold. A training run (merge False) starts a new sweep."""
+    points = [{**p, "model": model} for p in points]
+    old: Any = []
+    if merge and os.path.isfile(path):
+        try:
+            with open(path, encoding="utf-8") as f:
+                old = json.load(f)
+        except (OSError, ValueError) as err:
+            logger.warning("%s is unreadable (%s); starting a new sweep", path, err)
+    mine = {p["rule"] for p in points}
+    kept = [p for p in (old if isinstance(old, list) else []) if isinstance(p, dict) and p.get("model") == model
+            and p.get("rule") not in mine]
+    if kept:
+        logger.info("Merged %d earlier point(s) of %s into the sweep", len(kept), path)
+    return sorted(kept + points, key=lambda p: (str(p.get("criterion")), float(p.get("threshold", 0))))
+
+
+def write_results(run: Run, results: dict[str, Any], ctx: DistContext, merge_sweep: bool = False) -> None:
     """eval_results.json, the original's eval_results.txt, the sweep JSON and the plots (rank 0 only)."""
     if not ctx.is_main:
         return
@@ -419,15 +458,96 @@ def write_results(run: Run, results: dict[str, Any], ctx: DistContext) -> None:
                 full_model_score=task_result["metrics"][primary])
             visualize.save(fig, os.path.join(run.plot_dir, f"metric_per_layer{suffix}.png"))
         if "early_exit" in task_result:
-            write_json_atomic(os.path.join(run.plot_dir, f"early_exit_sweep{suffix}.json"), task_result["early_exit"])
-            fig = visualize.plot_early_exit_sweep(task_result["early_exit"], primary,
-                                                  title=f"{name}: early exit trade-off")
+            sweep_file = os.path.join(run.plot_dir, f"early_exit_sweep{suffix}.json")
+            sweep = merged_sweep(sweep_file, task_result["early_exit"], results["eval_model"], merge_sweep)
+            write_json_atomic(sweep_file, sweep)
+            fig = visualize.plot_early_exit_sweep(sweep, primary, title=f"{name}: early exit trade-off")
             visualize.save(fig, os.path.join(run.plot_dir, f"early_exit_sweep{suffix}.png"))
+
+
+def write_run_outputs(args: argparse.Namespace, run: Run, results: dict[str, Any], ctx: DistContext) -> None:
+    """train_results.json / all_results.json (flat Hugging Face keys) and, after training, the model card
+    (rank 0 only)."""
+    if not ctx.is_main:
+        return
+    train = results.get("train")
+    train_flat = None if train is None else train_metrics(
+        [train[k] for k in ("stage1", "stage2") if k in train], train.get("num_examples"))
+    eval_flat: dict[str, Any] = {}
+    for name, task_result in results.get("eval", {}).items():
+        prefix = "eval_mm_" if task_result["task"] == "mnli-mm" else "eval_"
+        eval_flat.update(flat_metrics(prefix, task_result["metrics"]))
+        eval_flat[f"{prefix}samples"] = task_result["num_examples"]
+        eval_flat[f"{prefix}runtime"] = task_result["seconds_all_layers"]
+        for point in task_result.get("early_exit", []):
+            rule = point["rule"].replace("=", "_")  # eval_entropy_0.5_acc, eval_patience_2_avg_exit_layer
+            eval_flat[f"{prefix}{rule}_{task_result['primary_metric']}"] = point["metric"]
+            eval_flat[f"{prefix}{rule}_avg_exit_layer"] = point["avg_exit_layer"]
+    write_run_results(run.output_dir, train_flat, eval_flat)
+    if train is None:
+        return
+    rules = [r.label for r in run.rules]
+    metrics = {k: v for k, v in eval_flat.items() if not k.endswith(("_samples", "_runtime"))}
+    write_model_card(
+        run.output_dir, f"DeeBERT early exit: {run.task}",
+        f"A {run.task} classifier fine-tuned from `{run.model_path}` with DeeBERT's two-stage early exit: an "
+        "off-ramp (pooler + classifier) after each encoder layer lets confident inputs leave before the last one.",
+        {"method": "DeeBERT two-stage early exit (stage 1: backbone + classifier; stage 2: off-ramps on the "
+                   "frozen backbone)",
+         "base model": run.model_path, "task": run.task, "training examples": train.get("num_examples"),
+         "learning rate (stage 1 / stage 2)": [args.learning_rate, args.off_ramp_learning_rate or args.learning_rate],
+         "epochs": args.num_train_epochs if args.max_steps <= 0 else f"{args.max_steps} steps per stage",
+         "early-exit thresholds evaluated": rules or "none (evaluate with --eval_highway --early_exit_entropy X)"},
+        metrics or None,
+        f"""from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+model = AutoModelForSequenceClassification.from_pretrained("{run.output_dir}")  # the full model (all layers)
+tokenizer = AutoTokenizer.from_pretrained("{run.output_dir}")""",
+        ["The backbone and its classifier are a stock checkpoint; the off-ramps are in off_ramps.safetensors / "
+         "off_ramps.json. For early exit load both with `common.models.highway.EarlyExitModel.from_pretrained`, or "
+         "run `scripts/run_glue_early_exit.py --model_name_or_path <this folder> --do_eval --eval_highway "
+         "--early_exit_entropy X`."])
 
 
 def evaluate_all(ctx: DistContext, args: argparse.Namespace, run: Run, model: EarlyExitModel,
                  tokenizer: Any) -> dict[str, Any]:
     return {t: evaluate(ctx, args, run, model, tokenizer, t) for t in eval_tasks(run.task)}
+
+
+def predict_test(ctx: DistContext, args: argparse.Namespace, run: Run, model: EarlyExitModel,
+                 tokenizer: Any) -> dict[str, Any]:
+    """--do_predict: every row of the unlabelled test file(s), predicted with the final head, or with early exit
+    when exactly one rule was given; rank 0 writes predict_results_<task>.txt (as the Hugging Face run_glue
+    example: `index<TAB>prediction`, the label name or the STS-B score, plus `exit_layer` under early exit)."""
+    model.eval()
+    rule = run.rules[0] if len(run.rules) == 1 else None
+    if rule is None:
+        logger.info("Predicting with the final head (all %d layers)%s", model.num_layers,
+                    "; give a single --early_exit_entropy or --patience to predict with early exit" if run.rules
+                    else "")
+    elif not model.off_ramps_trained:
+        raise UserError(f"{run.model_path} has no trained off-ramps; predicting with early exit ({rule.label}) "
+                        "needs a model trained by this script (--do_train), or leave out the threshold")
+    else:
+        logger.info("Predicting with early exit: %s", rule.label)
+    out: dict[str, Any] = {}
+    for task in eval_tasks(run.task):
+        spec = glue.get_task(task)
+        test = load_features(ctx, args, run, tokenizer, task, "test")
+        outputs, seconds = exit_outputs(ctx, args, model, test, rule, f"predict {task}")
+        preds, exits = predictions(task, outputs["logits"]), outputs["exit_layer"].astype(np.int64)
+        path = os.path.join(run.output_dir, f"predict_results_{task}.txt")
+        if ctx.is_main:
+            indices = [glue.example_index(ex) for ex in glue.read_examples(task, run.data_dir, "test")]
+            lines = ["index\tprediction" + ("\texit_layer" if rule else "")]
+            for i, (index, pred) in enumerate(zip(indices, preds.tolist())):
+                value = f"{pred:.3f}" if spec.is_regression else spec.labels[int(pred)]
+                lines.append(f"{index}\t{value}" + (f"\t{exits[i]}" if rule else ""))
+            write_text_atomic(path, "\n".join(lines) + "\n")
+            logger.info("Wrote %d %s predictions to %s", len(preds), task, path)
+        out[task] = {"file": path, "num_examples": int(len(preds)), "rule": rule.label if rule else "final head",
+                     "avg_exit_layer": float(exits.mean()), "seconds": seconds}
+    return out
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -441,22 +561,28 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
                     run.data_dir, run.output_dir, ctx.world_size, ctx.device)
         results: dict[str, Any] = {"task": run.task, "model": run.model_path}
         eval_path = run.model_path
+        results["eval_model"] = os.path.abspath(eval_path)
         if args.do_train:
             source = run.resume or run.model_path
             model = load_model(source, args, run.task, for_training=True).to(ctx.device)
             tokenizer = load_tokenizer(run.resume or run.tokenizer_path, args)
             results["train"] = train_stages(ctx, args, run, model, tokenizer, session.writer)
             eval_path = run.output_dir
-        if args.do_eval:
+            results["eval_model"] = os.path.abspath(eval_path)
+        if args.do_eval or args.do_predict:
             model = load_model(eval_path, args, run.task).to(ctx.device)
             tokenizer = load_tokenizer(eval_path if args.do_train else run.tokenizer_path, args)
+        if args.do_eval:
             results["eval"] = evaluate_all(ctx, args, run, model, tokenizer)
             if args.eval_all_checkpoints:
                 results["checkpoints"] = evaluate_checkpoints(run.output_dir, lambda ckpt: evaluate_final_head(
                     ctx, args, run, load_model(ckpt, args, run.task).to(ctx.device), tokenizer))
-            write_results(run, results, ctx)
+            write_results(run, results, ctx, merge_sweep=not args.do_train)
             for name, task_result in results["eval"].items():
                 logger.info("***** %s: %s *****", name, task_result["metrics"])
+        if args.do_predict:
+            results["predict"] = predict_test(ctx, args, run, model, tokenizer)
+        write_run_outputs(args, run, results, ctx)
         return results
 
 

@@ -16,9 +16,10 @@ magnitude, threshold, l0), while the cubic schedule takes the threshold from --i
         --pruning_method topK --mask_init constant --mask_scale 0.
     torchrun --nproc_per_node=4 scripts/run_squad_pruning.py ...same flags...
 
-Writes into --output_dir: the masked model (a transformers checkpoint plus the mask scores, its pruning state
-in config.json; scripts/bertarize.py turns it into a stock one), predictions_.json, nbest_predictions_.json,
-null_odds_.json (v2.0), eval_results.json / eval_results.txt, remaining_weights.json / .png,
+Writes into --output_dir: the masked model (a transformers checkpoint whose stock weights are the pruned ones,
+plus the unpruned weights, the mask scores and the pruning state in config.json; scripts/bertarize.py makes a
+plain stock one), README.md (a model card), train_results.json / all_results.json, predictions_.json,
+nbest_predictions_.json, null_odds_.json (v2.0), eval_results.json / eval_results.txt, remaining_weights.json / .png,
 threshold_schedule.png, log_history.jsonl, TensorBoard events under runs/, checkpoint-NNNNNN/ folders and
 run_args.json.
 """
@@ -40,10 +41,10 @@ from transformers import AutoModelForQuestionAnswering
 from common import visualize
 from common.args import (
     add_distributed_args, add_model_args, add_run_args, add_training_args, check_output_dir, check_run_args,
-    parse_with_builtin_defaults, raise_if_problems,
+    parse_with_builtin_defaults, raise_if_problems, script_parser,
 )
 from common.builtin import squad as builtin
-from common.caching import file_identity, load_and_cache_examples, tokenizer_identity
+from common.caching import file_identity, first_examples, load_and_cache_examples, tokenizer_identity
 from common.checkpoint import read_checkpoint_state, resolve_resume_path
 from common.cli import build_on_main, evaluate_checkpoints, save_final_model, script_context
 from common.data import squad
@@ -51,11 +52,13 @@ from common.distillation import soft_cross_entropy
 from common.distributed import DistContext, barrier, broadcast_object
 from common.errors import UserError, run_cli
 from common.io import write_json_atomic, write_text_atomic
+from common.model_card import write_model_card
+from common.results import flat_metrics, train_metrics, write_run_results
 from common.loaders import load_tokenizer as load_fast_tokenizer
 from common.loaders import model_saver
 from common.models import masked
 from common.pretrained import check_model_folder
-from common.training import Stage, TrainConfig, param_groups, predict, train
+from common.training import Stage, TrainConfig, param_groups, plan_for_examples, predict, train
 
 logger = logging.getLogger("run_squad_pruning")
 
@@ -77,8 +80,7 @@ BUILTIN_DEFAULTS = {
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser = script_parser(__doc__)
     add_model_args(parser)
     g = parser.add_argument_group("data")
     g.add_argument("--data_dir", default=None, help="Folder holding the SQuAD .json files.")
@@ -101,7 +103,9 @@ def build_parser() -> argparse.ArgumentParser:
     add_training_args(parser)
     add_distributed_args(parser)
     add_run_args(parser, "run", "Fine-prune (or fine-tune) on --train_file.", "Evaluate on --predict_file.",
-                 "Evaluate at every logging step (EM/F1 in the log and TensorBoard).")
+                 "Evaluate at every logging step (EM/F1 in the log and TensorBoard).",
+                 predict_help="Answer the questions of --predict_file (answers not needed) into predictions.json "
+                              "and nbest_predictions.json (null_odds.json for v2.0), without scores.")
     g = parser.add_argument_group("pruning")
     g.add_argument("--pruning_method", default="topK",
                    help="topK (movement pruning), sigmoied_threshold (soft movement pruning), magnitude, "
@@ -210,10 +214,11 @@ def resolve_run(args: argparse.Namespace, ctx: DistContext) -> Run:
             problems.append(f"--data_dir {args.data_dir} does not exist; point it at the folder holding the SQuAD "
                             ".json files")
         else:
-            for flag, needed in (("train_file", args.do_train), ("predict_file", args.do_eval)):
+            for flag, needed in (("train_file", args.do_train), ("predict_file", args.do_eval or args.do_predict)):
                 name = getattr(args, flag)
                 if needed and not name:
-                    problems.append(f"--{flag} is required with --do_{'train' if flag == 'train_file' else 'eval'} "
+                    problems.append(f"--{flag} is required with "
+                                    f"{'--do_train' if flag == 'train_file' else '--do_eval/--do_predict'} "
                                     "(e.g. train-v1.1.json / dev-v1.1.json)")
                 elif needed and not os.path.isfile(os.path.join(args.data_dir, name)):
                     problems.append(f"--{flag} {name}: no such file in {args.data_dir}")
@@ -329,27 +334,30 @@ def load_teacher(args: argparse.Namespace, run: Run, student: Any, device: torch
 
 def load_features(ctx: DistContext, args: argparse.Namespace, run: Run, tokenizer: Any,
                   split: str) -> tuple[dict[str, torch.Tensor], list[squad.SquadExample]]:
-    """Featurized split (from the cache when nothing that shapes it has changed) and its questions."""
+    """Featurized split (from the cache when nothing that shapes it has changed) and its questions. Split
+    "train" or "dev" (--predict_file with its answers), or "predict" (the same file, answers not needed)."""
     source = run.train_file if split == "train" else run.predict_file
-    examples = squad.read_squad(source, args.version_2_with_negative)
+    examples = squad.read_squad(source, args.version_2_with_negative, need_answers=split != "predict")
     is_training = split == "train"
+    cache_split = "train" if is_training else "dev"  # prediction windows are the evaluation ones (one cache)
     key = {
-        "split": split, "version_2_with_negative": args.version_2_with_negative,
+        "split": cache_split, "version_2_with_negative": args.version_2_with_negative,
         "max_seq_length": args.max_seq_length, "doc_stride": args.doc_stride,
         "max_query_length": args.max_query_length, "tokenizer": tokenizer_identity(tokenizer),
         "source": file_identity(source), "featurizer": squad.FEATURIZER_VERSION,
     }
 
     def build() -> dict[str, torch.Tensor]:
-        logger.info("Featurizing %d %s questions of %s", len(examples), split, source)
+        logger.info("Featurizing %d %s questions of %s", len(examples), cache_split, source)
         return squad.featurize(examples, tokenizer, args.max_seq_length, args.doc_stride, args.max_query_length,
                                is_training=is_training, verbose=args.verbose_logging)
 
     model_tag = os.path.basename(os.path.normpath(run.tokenizer_path))
-    prefix = f"{split}_{model_tag}_{args.max_seq_length}_{os.path.basename(source)}"
+    prefix = f"{cache_split}_{model_tag}_{args.max_seq_length}_{os.path.basename(source)}"
     features = load_and_cache_examples(ctx, os.path.dirname(os.path.abspath(source)), prefix, key, build,
                                        overwrite_cache=args.overwrite_cache)
-    return features, examples
+    limit = {"train": args.max_train_samples, "dev": args.max_eval_samples}.get(split)  # the first N questions
+    return first_examples(features, limit, "example_index"), examples[:limit]
 
 
 def model_inputs(batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -438,16 +446,23 @@ def train_model(ctx: DistContext, args: argparse.Namespace, run: Run, model: Any
             values.update({f"eval_{k}": v for k, v in metrics.items() if isinstance(v, (int, float))})
         return values
 
-    save = model_saver(model, tokenizer, prepare=(lambda: masked.prepare_config_for_save(model)) if run.masked
-                       else None)
+    # A masked folder holds the pruned weights under the stock keys: stock from_pretrained gives the pruned model.
+    save = model_saver(model, tokenizer, save_model=masked.save_masked_model if run.masked else None)
     overrides = [(lambda name: name.endswith("mask_scores"),
                   {"lr": args.mask_scores_learning_rate, "weight_decay": 0.0})]
     stage = Stage("checkpoint", PruningStep(args, run, model, teacher),
                   lambda: param_groups(model.named_parameters(), args.learning_rate, args.weight_decay, overrides),
                   on_log=on_log if (run.masked or args.evaluate_during_training) else None)
-    (result,) = train(ctx, TrainConfig.from_args(args, output_dir=run.output_dir), model, [stage], train_set, save,
-                      tb_writer=open_writer(), resume_from=run.resume)
-    summary: dict[str, Any] = {"train": result.__dict__, "teacher": run.teacher_path}
+    cfg = TrainConfig.from_args(args, output_dir=run.output_dir)
+    shortfall = None
+    if run.masked:  # a run shorter than the schedule's holds would end short of --final_threshold, silently
+        shortfall = run.schedule.shortfall(plan_for_examples(len(train_set["input_ids"]), cfg,
+                                                             ctx.world_size).total_steps)
+        if shortfall and ctx.is_main:
+            logger.warning("Pruning schedule cut short: %s", shortfall)
+    (result,) = train(ctx, cfg, model, [stage], train_set, save, tb_writer=open_writer(), resume_from=run.resume)
+    summary: dict[str, Any] = {"train": result.__dict__, "teacher": run.teacher_path,
+                               "num_examples": int(len(train_set["input_ids"]))}
     if run.masked:
         # The final model holds the end of the schedule (global top-k recomputed at the final threshold, as the
         # original's evaluation did).
@@ -455,7 +470,9 @@ def train_model(ctx: DistContext, args: argparse.Namespace, run: Run, model: Any
         cut = masked.global_score_cut(model, final) if args.global_topk else None
         masked.set_threshold(model, final, cut)
         summary["pruning"] = {**masked.pruning_state(model).to_json(), "regularization": run.regularization,
-                              "global_topk": args.global_topk}
+                              "global_topk": args.global_topk, "threshold_reached": final,
+                              "final_threshold": args.final_threshold, "schedule_shortfall": shortfall}
+        summary["remaining_encoder_fraction"] = encoder_remaining(model)["encoder"]["fraction"]
     save_final_model(ctx, save, run.output_dir)
     if ctx.is_main and run.masked:
         write_pruning_plots(run, model, result.global_step, measured)
@@ -489,10 +506,11 @@ def write_pruning_plots(run: Run, model: Any, total_steps: int, measured: dict[i
 # evaluation
 
 
-def evaluate(ctx: DistContext, args: argparse.Namespace, run: Run, model: Any, tokenizer: Any,
-             prefix: str = "") -> dict[str, Any]:
-    """Logits of every window (gathered over ranks), answers, prediction files and the official scores."""
-    features, examples = load_features(ctx, args, run, tokenizer, "dev")
+def answer_questions(ctx: DistContext, args: argparse.Namespace, run: Run, model: Any, tokenizer: Any, split: str
+                     ) -> tuple[list[squad.SquadExample], squad.Predictions | None, dict[str, Any]]:
+    """The questions of --predict_file ("dev": with their answers, "predict": answers not needed), the logits of
+    every window (gathered over ranks), and on rank 0 the answers (None on the others); sizes and wall time."""
+    features, examples = load_features(ctx, args, run, tokenizer, split)
     inputs = {k: v for k, v in features.items() if k in MODEL_INPUTS}
     seq_len = args.max_seq_length
     model.eval()
@@ -506,16 +524,27 @@ def evaluate(ctx: DistContext, args: argparse.Namespace, run: Run, model: Any, t
         return {name: F.pad(getattr(out, name).float().masked_fill(~keep, PAD_LOGIT), (0, pad), value=PAD_LOGIT)
                 for name in ("start_logits", "end_logits")}
 
-    logits, seconds = predict(ctx, inputs, args.per_gpu_eval_batch_size, step, args.dynamic_padding,
-                              desc=f"eval {os.path.basename(run.predict_file)}", fp16=args.fp16, bf16=args.bf16)
-    result: dict[str, Any] = {"num_examples": len(examples), "num_features": int(len(inputs["input_ids"])),
-                              "seconds": seconds, "prefix": prefix}
-    metrics = None
+    desc = f"{'eval' if split == 'dev' else split} {os.path.basename(run.predict_file)}"
+    logits, seconds = predict(ctx, inputs, args.per_gpu_eval_batch_size, step, args.dynamic_padding, desc=desc,
+                              fp16=args.fp16, bf16=args.bf16)
+    info: dict[str, Any] = {"num_examples": len(examples), "num_features": int(len(inputs["input_ids"])),
+                            "seconds": seconds}
+    preds = None
     if ctx.is_main:
         meta = {k: features[k].numpy() for k in ("example_index", "offsets", "max_context")}
         preds = squad.postprocess(examples, meta, logits["start_logits"], logits["end_logits"], args.n_best_size,
                                   args.max_answer_length, args.version_2_with_negative,
                                   args.null_score_diff_threshold)
+    return examples, preds, info
+
+
+def evaluate(ctx: DistContext, args: argparse.Namespace, run: Run, model: Any, tokenizer: Any,
+             prefix: str = "") -> dict[str, Any]:
+    """Answers of the --predict_file questions, prediction files and the official scores."""
+    examples, preds, info = answer_questions(ctx, args, run, model, tokenizer, "dev")
+    result: dict[str, Any] = {**info, "prefix": prefix}
+    metrics = None
+    if ctx.is_main:
         result["files"] = squad.write_predictions(run.output_dir, prefix, preds, args.version_2_with_negative)
         metrics = squad.squad_evaluate(examples, preds, args.version_2_with_negative)
     result["metrics"] = broadcast_object(metrics, ctx)
@@ -523,8 +552,82 @@ def evaluate(ctx: DistContext, args: argparse.Namespace, run: Run, model: Any, t
         result["remaining_encoder_fraction"] = encoder_remaining(model)["encoder"]["fraction"]
     logger.info("Evaluation %s: %s (%d questions, %d windows, %.1fs)", prefix or "final",
                 {k: round(v, 3) if isinstance(v, float) else v for k, v in result["metrics"].items()},
-                len(examples), result["num_features"], seconds)
+                len(examples), result["num_features"], result["seconds"])
     return result
+
+
+def predict_answers(ctx: DistContext, args: argparse.Namespace, run: Run, model: Any, tokenizer: Any
+                    ) -> dict[str, Any]:
+    """--do_predict: the answer of every --predict_file question (gold answers not needed) into SQuAD's
+    submission file predictions.json, with nbest_predictions.json (and null_odds.json for v2.0); no scores."""
+    _, preds, info = answer_questions(ctx, args, run, model, tokenizer, "predict")
+    if ctx.is_main:
+        info["files"] = squad.write_predictions(run.output_dir, None, preds, args.version_2_with_negative)
+        logger.info("Wrote the answers of %d questions to %s", info["num_examples"], info["files"][0])
+    return info
+
+
+def write_run_outputs(args: argparse.Namespace, run: Run, results: dict[str, Any], ctx: DistContext) -> None:
+    """train_results.json / all_results.json (flat Hugging Face keys) and, after training, the model card
+    (rank 0 only)."""
+    if not ctx.is_main:
+        return
+    train = results.get("train")
+    train_flat = None if train is None else train_metrics([train["train"]], train["num_examples"])
+    eval_flat: dict[str, Any] = {}
+    if "eval" in results:
+        ev = results["eval"]
+        eval_flat = {**flat_metrics("eval_", ev["metrics"]), "eval_samples": ev["num_examples"],
+                     "eval_runtime": ev["seconds"]}
+        if "remaining_encoder_fraction" in ev:
+            eval_flat["eval_remaining_encoder_fraction"] = ev["remaining_encoder_fraction"]
+    write_run_results(run.output_dir, train_flat, eval_flat)
+    if train is None:
+        return
+    key_metrics = ("eval_exact", "eval_f1", "eval_remaining_encoder_fraction")
+    metrics = {k: v for k, v in eval_flat.items() if k in key_metrics}
+    version = "v2.0" if args.version_2_with_negative else "v1.1"
+    if run.masked:
+        pruning = train["pruning"]
+        kept = encoder_remaining_of(results)
+        method = {"method": f"movement pruning ({pruning['method']})", "base model": run.model_path,
+                  "data": f"SQuAD {version}",
+                  "threshold schedule": f"{args.initial_threshold} -> {pruning['threshold']}",
+                  "final sparsity (encoder weights removed)": None if kept is None else f"{100 * (1 - kept):.1f}%",
+                  "regularization": pruning["regularization"] or "none", "global top-k": pruning["global_topk"]}
+        summary = (f"A question-answering model movement-pruned from `{run.model_path}` on SQuAD {version}. Its "
+                   "stock weights are the pruned ones (masks multiplied in); the unpruned weights and the mask "
+                   "scores are stored beside them for this project's tools.")
+        load = f"""from transformers import AutoModelForQuestionAnswering, AutoTokenizer
+
+# The pruned model (stock transformers reports the extra unpruned_weight / mask_scores keys and ignores them).
+model = AutoModelForQuestionAnswering.from_pretrained("{run.output_dir}")
+tokenizer = AutoTokenizer.from_pretrained("{run.output_dir}")"""
+        notes = [f"`python scripts/bertarize.py --model_name_or_path {run.output_dir} --target_model_path <dir>` "
+                 "writes a plain stock checkpoint without the extra tensors (and `--compact_path` a sparse copy).",
+                 f"`python scripts/count_parameters.py --serialization_dir {run.output_dir}` counts the weights left "
+                 "per matrix and layer."]
+    else:
+        method = {"method": "dense fine-tuning (no pruning)", "base model": run.model_path, "data": f"SQuAD {version}"}
+        summary = f"A question-answering model fine-tuned densely from `{run.model_path}` on SQuAD {version}."
+        load = f"""from transformers import AutoModelForQuestionAnswering, AutoTokenizer
+
+model = AutoModelForQuestionAnswering.from_pretrained("{run.output_dir}")
+tokenizer = AutoTokenizer.from_pretrained("{run.output_dir}")"""
+        notes = []
+    method.update({"teacher (distillation)": run.teacher_path or "none", "learning rate": args.learning_rate,
+                   "steps": train["train"]["global_step"], "training windows": train["num_examples"]})
+    if run.teacher_path:
+        method["loss weights"] = f"alpha_ce {args.alpha_ce}, alpha_distil {args.alpha_distil}, T {args.temperature}"
+    write_model_card(run.output_dir, f"{'Movement-pruned' if run.masked else 'Fine-tuned'} SQuAD {version} model",
+                     summary, method, metrics or None, load, notes)
+
+
+def encoder_remaining_of(results: dict[str, Any]) -> float | None:
+    """The remaining fraction of the encoder's weights, as evaluated (or as trained, without evaluation)."""
+    if "remaining_encoder_fraction" in results.get("eval", {}):
+        return results["eval"]["remaining_encoder_fraction"]
+    return results["train"].get("remaining_encoder_fraction")
 
 
 def write_results(run: Run, results: dict[str, Any], ctx: DistContext) -> None:
@@ -559,12 +662,13 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
             teacher = load_teacher(args, run, model, ctx.device)
             results["train"] = train_model(ctx, args, run, model, tokenizer, teacher, session.writer)
             eval_path = run.output_dir
-        if args.do_eval:
+        if args.do_eval or args.do_predict:
             model = load_model(eval_path, args, run.model_type).to(ctx.device)
             if not args.do_train and not has_qa_head(eval_path):
                 logger.warning("%s has no question-answering head: its qa_outputs layer is random, expect scores "
                                "near zero", eval_path)
             tokenizer = load_tokenizer(eval_path if args.do_train else run.tokenizer_path, args)
+        if args.do_eval:
             results["eval"] = evaluate(ctx, args, run, model, tokenizer)
             if args.eval_all_checkpoints:
                 results["checkpoints"] = evaluate_checkpoints(run.output_dir, lambda ckpt: evaluate(
@@ -572,6 +676,9 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
                     prefix=str(read_checkpoint_state(ckpt).global_step)))
             write_results(run, results, ctx)
             logger.info("***** %s *****", results["eval"]["metrics"])
+        if args.do_predict:
+            results["predict"] = predict_answers(ctx, args, run, model, tokenizer)
+        write_run_outputs(args, run, results, ctx)
         return results
 
 

@@ -18,6 +18,7 @@ import os
 import sys
 from typing import Any, Sequence
 
+from common.args import script_parser
 from common.data import lm
 from common.errors import UserError, run_cli
 
@@ -25,8 +26,7 @@ logger = logging.getLogger("token_counts")
 
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser = script_parser(__doc__)
     parser.add_argument("--data_file", default="data/dump.bert-base-uncased.bin",
                         help="The binarized corpus (scripts/binarize_data.py).")
     parser.add_argument("--token_counts_dump", default=None,
@@ -39,20 +39,21 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
 def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     args = parse_args(argv)
     logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO)
-    token_file = lm.TokenFile(args.data_file, verify=True)
+    data_file = lm.binarized_path(args.data_file)  # the original's .pickle name -> the .bin beside it
+    token_file = lm.TokenFile(data_file, verify=True)
     vocab_size = int(token_file.vocab["vocab_size"])
     if args.vocab_size is not None:
         if args.vocab_size < vocab_size:
             raise UserError(f"--vocab_size {args.vocab_size} is smaller than the {vocab_size} tokens the data was "
                             "binarized with; leave it out")
         vocab_size = args.vocab_size
-    out = args.token_counts_dump or os.path.splitext(args.data_file)[0] + ".counts.safetensors"
+    out = args.token_counts_dump or os.path.splitext(data_file)[0] + ".counts.safetensors"
     counts = lm.count_tokens(token_file, vocab_size)
     lm.save_token_counts(out, counts, token_file)
     summary = {"output": out, "tokens": int(counts.sum()), "vocab_size": vocab_size,
                "distinct_tokens": int((counts > 0).sum())}
     logger.info("Counted %d tokens (%d distinct of %d) in %s; wrote %s", summary["tokens"],
-                summary["distinct_tokens"], vocab_size, args.data_file, out)
+                summary["distinct_tokens"], vocab_size, data_file, out)
     return summary
 
 

@@ -370,3 +370,13 @@ def test_demo_keeps_flags_given_explicitly_and_checks_them_before_building(tmp_p
     with pytest.raises(UserError, match="every loss weight is zero"):
         distill.main(["--alpha_ce", "0", "--alpha_mlm", "0", "--alpha_cos", "0", "--output_dir", str(tmp_path / "o")])
     assert not (tmp_path / "o").exists()  # refused before the demo's teacher was trained
+
+
+def test_student_config_that_does_not_fit_its_weights_is_one_line(mlm_setup, tmp_path):
+    config = json.loads((Path(mlm_setup["student"]) / "config.json").read_text())
+    config["hidden_dim"] = config["hidden_dim"] * 2  # the FFN width the weights were not made with
+    (tmp_path / "student.json").write_text(json.dumps(config))
+    with pytest.raises(UserError, match=r"do not fit the student config .*student\.json: .* is \[\d+, \d+\] in the "
+                                        r"weights but \[\d+, \d+\] in the config; give the config"):
+        distill.main(mlm_args(mlm_setup, tmp_path / "out", "--student_config", str(tmp_path / "student.json"),
+                              "--max_steps", "1"))

@@ -238,3 +238,14 @@ def test_feature_caches_follow_the_umask(tiny_bert_dir, sst2_dir, tmp_path):
     caches = list(data.glob("cached_*"))
     assert caches and all(c.stat().st_mode & 0o777 == 0o644 for c in caches)
     assert json.loads((tmp_path / "out" / "run_args.json").read_text())["args"]["max_steps"] == 1
+
+
+def test_overwriting_a_folder_starts_a_clean_log_and_tensorboard_run(tiny_bert_dir, sst2_dir, tmp_path):
+    out = tmp_path / "out"
+    args = glue(tiny_bert_dir, sst2_dir, out, "--do_train", "--max_steps", "2", "--save_steps", "0",
+                "--logging_steps", "1", "--overwrite_output_dir")
+    script.main(args)
+    first = (out / "log_history.jsonl").read_text().splitlines()
+    script.main(args)
+    assert len((out / "log_history.jsonl").read_text().splitlines()) == len(first)  # not appended
+    assert len(list((out / "runs").glob("events.out.tfevents.*"))) == 1  # one run's curves, not two zig-zagged

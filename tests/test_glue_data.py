@@ -284,8 +284,8 @@ def test_empty_files_and_bad_split(tmp_path: Path) -> None:
     write_tsv(tmp_path / "dev.tsv", ["sentence\tlabel"])  # header only
     with pytest.raises(UserError, match="no examples"):
         glue.read_examples("sst-2", tmp_path, "dev")
-    with pytest.raises(UserError, match="choose one of train, dev"):
-        glue.read_examples("sst-2", tmp_path, "test")
+    with pytest.raises(UserError, match="choose one of train, dev, test"):
+        glue.read_examples("sst-2", tmp_path, "validation")
 
 
 # --------------------------------------------------------------------------------------------- metrics

@@ -147,6 +147,20 @@ def test_cubic_schedule_values():
     assert all(a >= b for a, b in zip(steps, steps[1:]))  # never increases
 
 
+def test_schedule_shortfall_names_the_steps_and_flags():
+    schedule = masked.Schedule(1.0, 0.15, warmup_steps=5400, initial_warmup=1, final_warmup=2)  # the README's
+    never = schedule.shortfall(1000)
+    assert "1000 optimizer steps" in never and "never moves" in never and "= 5400" in never
+    for flag in ("--max_steps", "--num_train_epochs", "--warmup_steps", "--initial_warmup", "--final_warmup"):
+        assert flag in never
+    assert schedule(1000, 1000)[0] == 1.0  # what the warning is about: the end of such a run is not pruned
+    jump = schedule.shortfall(16200)
+    assert "jumps from 1 to 0.15 at step 5401" in jump and "= 16200" in jump
+    assert schedule.shortfall(16201) is None
+    assert masked.Schedule(0.5, 0.5, 5400, 1, 2).shortfall(10) is None  # nothing to schedule
+    assert masked.Schedule(1.0, 0.1, 0, 1, 2).shortfall(1) is None
+
+
 def test_global_topk_keeps_the_fraction_over_the_whole_encoder(squad_bert_dir):
     model = masked_qa(squad_bert_dir, "topK")
     first = next(iter(masked.masked_modules(model).values()))
@@ -270,6 +284,39 @@ def test_masked_reloaded_and_bertarized_outputs_are_equal(method, threshold, glo
     zeros = sum(int((stock.get_submodule(n).weight == 0).sum()) for n in remaining)
     if method != "l0":
         assert zeros == sum(t - k for k, t in remaining.values())
+
+
+@pytest.mark.parametrize("method, threshold, global_topk", [
+    ("topK", 0.3, False), ("magnitude", 0.25, False), ("l0", 1.0, False), ("topK", 0.3, True),
+])
+def test_saved_masked_folder_loads_as_the_pruned_model_in_stock_transformers(method, threshold, global_topk,
+                                                                             squad_bert_dir, tmp_path):
+    """save_masked_model: stock from_pretrained gives the masked model's outputs (not the unpruned weights'), and
+    this project's loader still gets the whole masked model back (another threshold needs the unpruned weights)."""
+    model = masked_qa(squad_bert_dir, method, scale=2.0)
+    masked.set_threshold(model, threshold, masked.global_score_cut(model, threshold) if global_topk else None)
+    inputs = batch(squad_bert_dir)
+    reference = outputs(model, inputs)
+    folder = tmp_path / "masked"
+    masked.save_masked_model(model, str(folder), max_shard_size="50KB")
+
+    stock = AutoModelForQuestionAnswering.from_pretrained(folder).eval()
+    assert type(stock) is BertForQuestionAnswering and not masked.masked_modules(stock)
+    assert torch.allclose(outputs(stock, inputs), reference, rtol=0, atol=1e-5)
+    remaining = masked.remaining_weights(model)
+    if method != "l0":  # the pruned weights are zeros in the stock model
+        zeros = sum(int((stock.get_submodule(n).weight == 0).sum()) for n in remaining)
+        assert zeros == sum(t - k for k, t in remaining.values()) > 0
+
+    reloaded = masked.load_masked_model(str(folder))
+    assert torch.equal(outputs(reloaded, inputs), reference)
+    assert masked.remaining_weights(reloaded) == remaining
+    for name, module in masked.masked_modules(model).items():
+        assert torch.equal(reloaded.get_submodule(name).weight, module.weight)  # unpruned, as trained
+    if method != "l0":  # keeping more than was kept needs the unpruned weights
+        for m in (model, reloaded):
+            masked.set_threshold(m, 0.9, masked.global_score_cut(m, 0.9) if global_topk else None)
+        assert torch.equal(outputs(reloaded, inputs), outputs(model, inputs))
 
 
 def test_sharded_safetensors_and_original_bin_folders(squad_bert_dir, tmp_path):

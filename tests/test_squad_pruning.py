@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import functools
 import json
+import logging
 import os
 import subprocess
 import sys
@@ -22,6 +23,7 @@ import run_squad_pruning as script
 from common.builtin import squad as builtin_squad
 from common.data import squad
 from common.errors import UserError, run_cli
+from common.models import masked
 from conftest import ROOT
 
 SCRIPT = str(ROOT / "scripts" / "run_squad_pruning.py")
@@ -129,6 +131,28 @@ def test_pruned_run_reaches_the_final_threshold(pruned_run):
     assert read_json(out / "checkpoint-000003" / "config.json")["pruning"]["method"] == "topK"
 
 
+def test_stock_transformers_loads_the_pruned_folder_as_pruned(pruned_run):
+    """Issue #11: stock from_pretrained on the output folder (and a checkpoint) gives the pruned model, with the
+    pruned weights as zeros, not the unpruned weights beside unused mask scores."""
+    out, _ = pruned_run
+    from transformers import AutoModelForQuestionAnswering, AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(out)
+    inputs = dict(tokenizer(["where does bob live ?", "what does alice own ?"],
+                            ["bob lives in paris .", "alice owns a red car ."], padding=True, return_tensors="pt"))
+    for folder in (out / "checkpoint-000003", out):
+        stock = AutoModelForQuestionAnswering.from_pretrained(folder).eval()
+        pruned = masked.load_masked_model(str(folder))
+        with torch.no_grad():
+            got, expected = stock(**inputs), pruned(**inputs)
+        for name in ("start_logits", "end_logits"):
+            assert torch.allclose(getattr(got, name), getattr(expected, name), rtol=0, atol=1e-5), (folder, name)
+        remaining = masked.remaining_weights(pruned)
+        zeros = sum(int((stock.get_submodule(n).weight == 0).sum()) for n in remaining)
+        assert zeros == sum(t - k for k, t in remaining.values()) > 0, folder
+    assert zeros == sum(t for _, t in remaining.values()) // 2  # the final folder: pruned to 50%
+
+
 def test_eval_does_not_depend_on_batching(pruned_run, squad_v1_dir, tmp_path):
     out, results = pruned_run
     a = script.main(eval_args(str(out), squad_v1_dir, tmp_path / "a", "--per_gpu_eval_batch_size", "3"))
@@ -181,6 +205,28 @@ def test_bertarize_and_count_parameters(pruned_run, dense_run, squad_v1_dir, tmp
         bertarize.main(["--model_name_or_path", str(out), "--target_model_path", str(target)])
     with pytest.raises(UserError, match="out of range for topK"):
         count_parameters.main(["--serialization_dir", str(out), "--threshold", "2"])
+
+
+def test_run_shorter_than_the_schedule_warns_and_records_the_threshold_reached(squad_bert_dir, squad_v1_dir,
+                                                                               tmp_path, caplog):
+    """Issue #11: 2 steps with the threshold held for --warmup_steps 5: one warning before training, naming the
+    steps and the flags; the results record that the final threshold was not reached."""
+    out = tmp_path / "short"
+    with caplog.at_level(logging.INFO):
+        results = script.main(squad_args(squad_bert_dir, squad_v1_dir, out, "--do_train", "--do_eval",
+                                         "--max_steps", "2", "--warmup_steps", "5", "--final_threshold", "0.5"))
+    messages = [r.getMessage() for r in caplog.records]
+    warned = [i for i, m in enumerate(messages) if "Pruning schedule cut short" in m]
+    assert len(warned) == 1
+    started = next(i for i, m in enumerate(messages) if m.startswith("***** Training"))
+    assert warned[0] < started
+    warning = messages[warned[0]]
+    assert "2 optimizer steps" in warning and "--initial_warmup 1 x --warmup_steps 5 = 5" in warning
+    assert "--max_steps" in warning and "--final_threshold 0.5" in warning
+    for pruning in (results["train"]["pruning"], read_json(out / "eval_results.json")["train"]["pruning"]):
+        assert pruning["threshold_reached"] == 1.0 and pruning["final_threshold"] == 0.5
+        assert pruning["schedule_shortfall"] in warning
+    assert results["eval"]["remaining_encoder_fraction"] == 1.0
 
 
 def test_v2_with_global_magnitude_pruning(squad_bert_dir, squad_v2_dir, tmp_path):

@@ -10,6 +10,7 @@ import cv2
 import numpy as np
 import pytest
 from matplotlib.figure import Figure
+from matplotlib.text import Text
 
 from common import visualize
 from common.visualize import figure_to_array, plot_early_exit_sweep, plot_metric_per_layer, save
@@ -219,6 +220,31 @@ def test_plot_early_exit_sweep():
         assert [t.get_text() for t in ax.texts] == ["0", "0.2", "0.5"]
         assert ax.get_xlabel() and ax.get_ylabel() == "accuracy"
     assert tuple(fig.get_size_inches()) == (11, 4)
+
+
+def test_plot_early_exit_sweep_marks_no_speedup_and_keeps_close_labels_apart():
+    # a real sweep's shape: small thresholds barely move, the first three land on one spot
+    rows = [(0.0, 0.912, 12.0, 1.0), (0.01, 0.912, 12.0, 1.0), (0.02, 0.912, 12.0, 1.0), (0.05, 0.910, 11.9, 1.04),
+            (0.1, 0.909, 11.8, 1.06), (0.15, 0.905, 11.6, 1.09), (0.2, 0.90, 9.1, 1.3), (0.3, 0.88, 7.5, 1.55),
+            (0.4, 0.85, 6.0, 1.9), (0.5, 0.80, 4.5, 2.4), (0.6, 0.74, 3.0, 3.3), (0.7, 0.65, 1.8, 4.6)]
+    points = [{"threshold": t, "metric": m, "avg_exit_layer": layer, "speedup": x, "num_layers": 12}
+              for t, m, layer, x in rows]
+    fig = plot_early_exit_sweep(points, "accuracy")
+    figure_to_array(fig)  # the final draw
+    renderer = fig.canvas.get_renderer()
+    ax_layer, ax_speed = fig.axes
+    no_speedup = ax_speed.lines[1]
+    assert list(no_speedup.get_xdata()) == [1.0, 1.0] and no_speedup.get_linestyle() == "--"
+    assert [t.get_text() for t in ax_speed.get_legend().get_texts()] == ["no speed-up (1.0×)"]
+    for ax in fig.axes:
+        labels = [t.get_text() for t in ax.texts]
+        assert labels[0] == "0, 0.01, 0.02"  # one label for the points on one spot
+        assert sorted(t for label in labels for t in label.split(", ")) == sorted(f"{r[0]:g}" for r in rows)
+        boxes = [Text.get_window_extent(t, renderer) for t in ax.texts]  # the text alone, not a leader line
+        for i, box in enumerate(boxes):
+            assert ax.bbox.contains(box.x0, box.y0) and ax.bbox.contains(box.x1, box.y1), labels[i]
+            for j in range(i):
+                assert not box.overlaps(boxes[j]), (labels[i], labels[j])
 
 
 def test_plot_early_exit_sweep_rejects_missing_keys():

@@ -60,9 +60,11 @@ def _sentence(rng: random.Random) -> tuple[str, int]:
     return " ".join(w for phrase in phrases for w in phrase), int(score > 0)
 
 
-def write_builtin_sst2(data_dir: str, n_train: int = 5000, n_dev: int = 800, seed: int = 0) -> str:
-    """Generated SST-2-format `train.tsv` and `dev.tsv` (header `sentence<TAB>label`) in data_dir/SST-2,
-    which is returned (the folder to pass as --data_dir)."""
+def write_builtin_sst2(data_dir: str, n_train: int = 5000, n_dev: int = 800, seed: int = 0,
+                       n_test: int = 800) -> str:
+    """Generated SST-2-format `train.tsv` and `dev.tsv` (header `sentence<TAB>label`) and the unlabelled
+    `test.tsv` (header `index<TAB>sentence`, as GLUE's) in data_dir/SST-2, which is returned (the folder to
+    pass as --data_dir)."""
     folder = os.path.join(data_dir, "SST-2")
     os.makedirs(folder, exist_ok=True)
     rng = random.Random(seed)
@@ -72,4 +74,10 @@ def write_builtin_sst2(data_dir: str, n_train: int = 5000, n_dev: int = 800, see
             continue
         rows = [_sentence(rng) for _ in range(count)]
         write_text_atomic(path, "sentence\tlabel\n" + "".join(f"{text}\t{label}\n" for text, label in rows))
+    path = os.path.join(folder, "test.tsv")
+    if not os.path.isfile(path):
+        # A generator of its own: train and dev stay what they were, whichever files already exist.
+        test_rng = random.Random(f"test-{seed}")
+        rows = [_sentence(test_rng)[0] for _ in range(n_test)]
+        write_text_atomic(path, "index\tsentence\n" + "".join(f"{i}\t{text}\n" for i, text in enumerate(rows)))
     return folder

@@ -24,15 +24,16 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
-from tqdm.auto import tqdm
 
 from common.errors import UserError, file_error
+from common.progress import progress_bar
 
 logger = logging.getLogger(__name__)
 
 CLASSIFICATION = "classification"
 REGRESSION = "regression"
-SPLITS = ("train", "dev")
+SPLITS = ("train", "dev", "test")
+TEST_ID_HEADERS = ("index", "id")  # the first header cell of a GLUE test file (QQP says "id")
 
 
 @dataclass(frozen=True)
@@ -41,7 +42,8 @@ class GlueTask:
 
     Column indices are 0-based into a tab-split row; ``label_column`` may be negative (counted from the end,
     as the old processors did with ``line[-1]``). ``id_column`` None means the guid uses the row's index in the
-    file (the header, where there is one, being row 0) instead of an id column.
+    file (the header, where there is one, being row 0) instead of an id column. The unlabelled test file has a
+    layout of its own: a header, the ``index`` column first, the texts in ``test_columns`` (a, b), no label.
     """
 
     name: str
@@ -57,6 +59,8 @@ class GlueTask:
     text_b_column: int | None
     label_column: int
     id_column: int | None
+    test_columns: tuple[int, int | None]
+    test_file: str = "test.tsv"
     skip_short_rows: bool = False
 
     @property
@@ -79,11 +83,13 @@ class GlueTask:
         return highest + 1 - self.label_column
 
     def file_for(self, split: str) -> str:
-        """The file name GLUE uses for a split ("train" or "dev")."""
+        """The file name GLUE uses for a split ("train", "dev" or the unlabelled "test")."""
         if split == "train":
             return self.train_file
         if split == "dev":
             return self.dev_file
+        if split == "test":
+            return self.test_file
         raise UserError(f"unknown split {split!r}: choose one of {', '.join(SPLITS)}")
 
 
@@ -106,29 +112,33 @@ _CORR = ("pearson", "spearmanr", "corr")
 
 
 def _classification(name: str, subdir: str, labels: tuple[str, ...], metrics: tuple[str, ...], primary: str,
-                    a: int, b: int | None, label: int, id_column: int | None, *, header: bool = True,
-                    dev_file: str = "dev.tsv", skip_short_rows: bool = False) -> GlueTask:
+                    a: int, b: int | None, label: int, id_column: int | None, test: tuple[int, int | None], *,
+                    header: bool = True, dev_file: str = "dev.tsv", test_file: str = "test.tsv",
+                    skip_short_rows: bool = False) -> GlueTask:
     """A classification GlueTask whose train file is train.tsv (keeps the TASKS table one line per task)."""
     return GlueTask(name=name, data_subdir=subdir, output_mode=CLASSIFICATION, labels=labels,
                     train_file="train.tsv", dev_file=dev_file, primary_metric=primary, metrics=metrics,
                     has_header=header, text_a_column=a, text_b_column=b, label_column=label,
-                    id_column=id_column, skip_short_rows=skip_short_rows)
+                    id_column=id_column, test_columns=test, test_file=test_file, skip_short_rows=skip_short_rows)
 
 
+# The last column pair is the test file's (a, b) text columns (its column 0 is the index, it has no label).
 TASKS: dict[str, GlueTask] = {
-    "cola": _classification("cola", "CoLA", _BINARY, ("mcc",), "mcc", 3, None, 1, None, header=False),
-    "mnli": _classification("mnli", "MNLI", _NLI3, _ACC, "acc", 8, 9, -1, 0, dev_file="dev_matched.tsv"),
-    "mnli-mm": _classification("mnli-mm", "MNLI", _NLI3, _ACC, "acc", 8, 9, -1, 0,
-                               dev_file="dev_mismatched.tsv"),
-    "mrpc": _classification("mrpc", "MRPC", _BINARY, _ACC_F1, "f1", 3, 4, 0, None),
-    "sst-2": _classification("sst-2", "SST-2", _BINARY, _ACC, "acc", 0, None, 1, None),
+    "cola": _classification("cola", "CoLA", _BINARY, ("mcc",), "mcc", 3, None, 1, None, (1, None), header=False),
+    "mnli": _classification("mnli", "MNLI", _NLI3, _ACC, "acc", 8, 9, -1, 0, (8, 9), dev_file="dev_matched.tsv",
+                            test_file="test_matched.tsv"),
+    "mnli-mm": _classification("mnli-mm", "MNLI", _NLI3, _ACC, "acc", 8, 9, -1, 0, (8, 9),
+                               dev_file="dev_mismatched.tsv", test_file="test_mismatched.tsv"),
+    "mrpc": _classification("mrpc", "MRPC", _BINARY, _ACC_F1, "f1", 3, 4, 0, None, (3, 4)),
+    "sst-2": _classification("sst-2", "SST-2", _BINARY, _ACC, "acc", 0, None, 1, None, (1, None)),
     "sts-b": GlueTask(name="sts-b", data_subdir="STS-B", output_mode=REGRESSION, labels=(),
                       train_file="train.tsv", dev_file="dev.tsv", primary_metric="spearmanr", metrics=_CORR,
-                      has_header=True, text_a_column=7, text_b_column=8, label_column=-1, id_column=0),
-    "qqp": _classification("qqp", "QQP", _BINARY, _ACC_F1, "f1", 3, 4, 5, 0, skip_short_rows=True),
-    "qnli": _classification("qnli", "QNLI", _NLI2, _ACC, "acc", 1, 2, -1, 0),
-    "rte": _classification("rte", "RTE", _NLI2, _ACC, "acc", 1, 2, -1, 0),
-    "wnli": _classification("wnli", "WNLI", _BINARY, _ACC, "acc", 1, 2, -1, 0),
+                      has_header=True, text_a_column=7, text_b_column=8, label_column=-1, id_column=0,
+                      test_columns=(7, 8)),
+    "qqp": _classification("qqp", "QQP", _BINARY, _ACC_F1, "f1", 3, 4, 5, 0, (1, 2), skip_short_rows=True),
+    "qnli": _classification("qnli", "QNLI", _NLI2, _ACC, "acc", 1, 2, -1, 0, (1, 2)),
+    "rte": _classification("rte", "RTE", _NLI2, _ACC, "acc", 1, 2, -1, 0, (1, 2)),
+    "wnli": _classification("wnli", "WNLI", _BINARY, _ACC, "acc", 1, 2, -1, 0, (1, 2)),
 }
 
 _ALIASES = {"sst2": "sst-2", "stsb": "sts-b", "mnli_mm": "mnli-mm"}
@@ -246,20 +256,54 @@ def _looks_like_data(task: GlueTask, row: list[str]) -> bool:
     return value in task.labels
 
 
+@dataclass(frozen=True)
+class _Layout:
+    """Where one split's rows keep their texts, label (None: unlabelled) and id, and how many columns they need."""
+
+    has_header: bool
+    text_a: int
+    text_b: int | None
+    label: int | None
+    id_column: int | None
+    need: int
+
+
+def _layout(task: GlueTask, split: str) -> _Layout:
+    if split == "test":
+        a, b = task.test_columns
+        return _Layout(True, a, b, None, 0, (a if b is None else max(a, b)) + 1)
+    return _Layout(task.has_header, task.text_a_column, task.text_b_column, task.label_column, task.id_column,
+                   task.min_columns)
+
+
+def _test_header_width(task: GlueTask, row: list[str], path: str, line_no: int, need: int) -> int:
+    """The column count of an unlabelled test file, from its header (which must start with GLUE's index)."""
+    if row[0].strip().lower() not in TEST_ID_HEADERS or len(row) < need:
+        raise file_error(path, line_no, f"not the header of a GLUE {task.name} test file (found {len(row)} "
+                         f"column(s), first {row[0][:40]!r})", f"an unlabelled test file starts with a header "
+                         f"of at least {need} tab-separated columns, 'index' first, and has no label column")
+    return len(row)
+
+
 def read_examples(task_name: str | GlueTask, data_dir: str | os.PathLike, split: str) -> list[InputExample]:
-    """Read the train or dev file of a GLUE task into examples, validating every row.
+    """Read the train, dev or unlabelled test file of a GLUE task into examples, validating every row.
 
     ``data_dir`` is the task's folder (e.g. ``glue_data/MRPC``) or the GLUE root holding it. Guids match
     the old processors: ``<split>-<row index>`` for CoLA, SST-2 and MRPC, ``<file stem>-<id column>`` for
-    the others (so MNLI dev guids start with ``dev_matched-`` / ``dev_mismatched-``).
+    the others (so MNLI dev guids start with ``dev_matched-`` / ``dev_mismatched-``). Test files (``test.tsv``,
+    MNLI's ``test_matched.tsv`` / ``test_mismatched.tsv``) have GLUE's test layout: a header, the ``index``
+    column first, no label; every row has the header's number of columns, the examples no label, and their
+    guid is ``<file stem>-<index>`` (``example_index`` gives the index back).
     """
     task = get_task(task_name)
     data_dir = os.fspath(data_dir)
     if split not in SPLITS:
         raise UserError(f"unknown split {split!r}: choose one of {', '.join(SPLITS)}")
     path = _resolve_file(task, data_dir, split)
-    set_type = os.path.splitext(task.file_for(split))[0] if task.id_column is not None else split
-    need = task.min_columns
+    layout = _layout(task, split)
+    set_type = os.path.splitext(task.file_for(split))[0] if layout.id_column is not None else split
+    need = layout.need
+    width = None  # a test file's rows have exactly its header's columns
 
     examples: list[InputExample] = []
     skipped: list[int] = []
@@ -269,8 +313,10 @@ def read_examples(task_name: str | GlueTask, data_dir: str | os.PathLike, split:
             continue
         row_index += 1
         row = text.split("\t")  # no quoting: a '"' is an ordinary character, as in GLUE's own reader
-        if task.has_header and row_index == 0:
-            if _looks_like_data(task, row):
+        if layout.has_header and row_index == 0:
+            if layout.label is None:
+                width = _test_header_width(task, row, path, line_no, need)
+            elif _looks_like_data(task, row):
                 logger.warning("%s:%d looks like data, but %s files start with a header line that is skipped",
                                path, line_no, task.name)
             continue
@@ -280,10 +326,13 @@ def read_examples(task_name: str | GlueTask, data_dir: str | os.PathLike, split:
                 continue
             raise file_error(path, line_no, f"{len(row)} tab-separated column(s), {task.name} rows need at "
                              f"least {need}", "check the file is the GLUE TSV and not damaged")
-        label = _parse_label(task, row[task.label_column], path, line_no)
-        guid_part = row[task.id_column] if task.id_column is not None else str(row_index)
-        text_b = row[task.text_b_column] if task.text_b_column is not None else None
-        examples.append(InputExample(guid=f"{set_type}-{guid_part}", text_a=row[task.text_a_column],
+        if width is not None and len(row) != width:
+            raise file_error(path, line_no, f"{len(row)} tab-separated column(s), the header has {width}",
+                             "each row of a test file has the header's columns: the index, the texts, no label")
+        label = _parse_label(task, row[layout.label], path, line_no) if layout.label is not None else None
+        guid_part = row[layout.id_column] if layout.id_column is not None else str(row_index)
+        text_b = row[layout.text_b] if layout.text_b is not None else None
+        examples.append(InputExample(guid=f"{set_type}-{guid_part}", text_a=row[layout.text_a],
                                      text_b=text_b, label=label))
 
     if skipped:
@@ -295,6 +344,11 @@ def read_examples(task_name: str | GlueTask, data_dir: str | os.PathLike, split:
                          "the file is empty or holds only a header; re-download GLUE")
     logger.info("read %d %s examples from %s", len(examples), task.name, path)
     return examples
+
+
+def example_index(example: InputExample) -> str:
+    """The id a prediction file gives an example: its guid after the split (a test file's index column)."""
+    return example.guid.split("-", 1)[1]
 
 
 # ----------------------------------------------------------------------------------------------- metrics
@@ -401,7 +455,8 @@ def featurize(examples: Sequence[InputExample], tokenizer, task_name: str | Glue
     keys = ("input_ids", "attention_mask", "token_type_ids")
     rows: dict[str, list[list[int]]] = {k: [] for k in keys}
     starts = range(0, len(examples), batch_size)
-    for start in tqdm(starts, desc=f"featurize {task.name}", unit="batch", leave=False, disable=len(starts) < 2):
+    for start in progress_bar(starts, desc=f"featurize {task.name}", unit="batch", leave=False,
+                              disable=len(starts) < 2):
         batch = examples[start:start + batch_size]
         # Unpadded lists, padded below in one numpy pass: much faster than return_tensors="pt" per batch.
         enc = tokenizer([ex.text_a for ex in batch], [ex.text_b for ex in batch] if pairs else None,

@@ -28,12 +28,12 @@ from typing import Any, Callable, Iterable, Sequence
 
 import numpy as np
 import torch
-from tqdm.auto import tqdm
 
 from common.batches import epoch_batches, per_rank_batches, rank_permutation
 from common.distributed import DistContext
 from common.errors import UserError, file_error
 from common.io import remove_path, temp_name
+from common.progress import progress_bar
 
 logger = logging.getLogger(__name__)
 
@@ -248,8 +248,8 @@ def binarize_file(path: str, tokenizer: Any, out_path: str, tokenizer_type: str 
     lines = blank_lines = 0
     start = time.perf_counter()
     try:
-        with tqdm(total=size, unit="B", unit_scale=True, desc=f"binarize {os.path.basename(path)}",
-                  disable=not show_progress, dynamic_ncols=True) as bar:
+        with progress_bar(total=size, unit="B", unit_scale=True, desc=f"binarize {os.path.basename(path)}",
+                          disable=not show_progress) as bar:
             for batch, blank in _read_line_batches(path, batch_lines, bar):
                 blank_lines += blank
                 lines += len(batch) + blank
@@ -325,6 +325,21 @@ def read_footer(path: str) -> dict[str, Any]:
     return footer
 
 
+def binarized_path(path: str) -> str:
+    """A binarized corpus named as the original pipeline named it (`<name>.pickle`): the `.bin` that
+    scripts/binarize_data.py writes beside it, with an info line, or one error naming that `.bin` (a pickle is
+    never loaded). Any other name is returned as it is."""
+    if not path.endswith(".pickle"):
+        return path
+    candidate = path[: -len(".pickle")] + ".bin"
+    if os.path.isfile(candidate):
+        logger.info("%s: using %s, the binarized file scripts/binarize_data.py writes in place of the original's "
+                    ".pickle", path, candidate)
+        return candidate
+    raise UserError(f"{path}: this project reads no pickles; use {candidate}, the file scripts/binarize_data.py "
+                    f"writes (run it first if {candidate} does not exist yet)")
+
+
 class TokenFile:
     """A binarized file opened for reading: `tokens` (flat) and `offsets` are read-only memory maps."""
 
@@ -367,8 +382,8 @@ class TokenFile:
         tokens_hash, offsets_hash = hashlib.sha256(), hashlib.sha256()
         max_id = 0
         step = max(1, _CHUNK_BYTES // self.dtype.itemsize)
-        with tqdm(total=token_bytes, unit="B", unit_scale=True, desc="verify tokens", disable=not show_progress,
-                  dynamic_ncols=True, leave=False) as bar:
+        with progress_bar(total=token_bytes, unit="B", unit_scale=True, desc="verify tokens",
+                          disable=not show_progress, leave=False) as bar:
             for lo in range(0, self.num_tokens, step):
                 chunk = np.asarray(self.tokens[lo:lo + step])
                 tokens_hash.update(chunk.tobytes())
@@ -413,8 +428,8 @@ def count_tokens(token_file: TokenFile, vocab_size: int | None = None, show_prog
     size = int(vocab_size or token_file.vocab["vocab_size"])
     counts = np.zeros(size, dtype=np.int64)
     step = max(1, _CHUNK_BYTES // token_file.dtype.itemsize)
-    for lo in tqdm(range(0, token_file.num_tokens, step), desc="count tokens", disable=not show_progress,
-                   dynamic_ncols=True, leave=False):
+    for lo in progress_bar(range(0, token_file.num_tokens, step), desc="count tokens", disable=not show_progress,
+                           leave=False):
         chunk = np.asarray(token_file.tokens[lo:lo + step]).astype(np.int64)
         if chunk.size and int(chunk.max()) >= size:
             raise UserError(f"{token_file.path} holds token id {int(chunk.max())}, not below --vocab_size {size}")
@@ -554,6 +569,16 @@ class LmDataset:
         rows = np.nonzero(self.add_last[idx])[0]
         out[rows, lengths[rows] - 1] = self.wrap.last_id
         return torch.from_numpy(out), torch.from_numpy(lengths)
+
+    def truncate(self, n: int | None) -> None:
+        """--max_train_samples: keep the first `n` sequences (after splitting and dropping; deterministic)."""
+        if n is None or n >= len(self.starts):
+            return
+        for name in ("starts", "spans", "add_first", "add_last", "lengths"):
+            setattr(self, name, getattr(self, name)[:n])
+        self.stats["max_train_samples"] = n
+        self.stats["sequences"] = n
+        self.stats["tokens"] = int(self.lengths.sum())
 
     def describe(self) -> str:
         s = self.stats

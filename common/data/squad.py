@@ -40,6 +40,7 @@ import torch
 
 from common.errors import UserError, file_error
 from common.io import write_json_atomic
+from common.progress import progress_bar
 
 logger = logging.getLogger(__name__)
 
@@ -80,8 +81,14 @@ def _is_v2(version: Any) -> bool | None:
     return None
 
 
-def read_squad(path: str, version_2_with_negative: bool) -> list[SquadExample]:
-    """Every question of a SQuAD file, checked; raises a UserError naming the file and JSON path."""
+NEED_ANSWERS = "training and --do_eval need the gold answers; --do_predict alone accepts questions without them"
+
+
+def read_squad(path: str, version_2_with_negative: bool, need_answers: bool = True) -> list[SquadExample]:
+    """Every question of a SQuAD file, checked; raises a UserError naming the file and JSON path.
+
+    With `need_answers` False (prediction), a question may have no `answers` key or an empty list: its example
+    has no answers; answers that are there are still checked."""
     if not os.path.isfile(path):
         raise UserError(f"{path} not found; give an existing SQuAD .json file (--data_dir with "
                         "--train_file/--predict_file)")
@@ -126,7 +133,12 @@ def read_squad(path: str, version_2_with_negative: bool) -> list[SquadExample]:
                 question = need(qa, "question", str, where)
                 if not question.strip():
                     raise fail(f"{where}.question", "empty question")
-                answers_raw = need(qa, "answers", list, where)
+                if qa.get("answers") is None and not need_answers:
+                    answers_raw = []  # prediction: a question without gold answers
+                elif "answers" not in qa:
+                    raise fail(where, f"missing key 'answers' ({NEED_ANSWERS})")
+                else:
+                    answers_raw = need(qa, "answers", list, where)
                 impossible = qa.get("is_impossible", False)
                 if not isinstance(impossible, bool):
                     raise fail(f"{where}.is_impossible", f"expected true/false, found {impossible!r}")
@@ -148,9 +160,10 @@ def read_squad(path: str, version_2_with_negative: bool) -> list[SquadExample]:
                     answers.append((text, start))
                 if impossible and answers:
                     raise fail(where, "an unanswerable question (is_impossible: true) with answers")
-                if not impossible and not answers:
+                if not impossible and not answers and need_answers:
                     raise fail(f"{where}.answers", "an answerable question needs at least one answer"
-                               + ("" if version_2_with_negative else " (unanswerable questions are SQuAD v2.0)"))
+                               + ("" if version_2_with_negative else " (unanswerable questions are SQuAD v2.0)")
+                               + f"; {NEED_ANSWERS}")
                 examples.append(SquadExample(qas_id, question, context, context_id, tuple(answers), impossible, where))
             context_id += 1
     if not examples:
@@ -288,7 +301,8 @@ def featurize(
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     rows: dict[str, list] = collections.defaultdict(list)
     skipped = 0
-    for index, ex in enumerate(examples):
+    questions = progress_bar(examples, desc="featurize squad", unit="question", leave=False)
+    for index, ex in enumerate(questions):
         doc_ids, doc_offsets = context_tokens[ex.context_id]
         q_ids = question_ids[index]
         doc_capacity = max_seq_length - len(q_ids) - template.num_special
@@ -450,13 +464,13 @@ def postprocess(
     return out
 
 
-def write_predictions(output_dir: str, prefix: str, predictions: Predictions, version_2: bool) -> list[str]:
-    """predictions_<prefix>.json, nbest_predictions_<prefix>.json and (v2.0) null_odds_<prefix>.json, each
-    written atomically; returns the paths."""
-    files = [(f"predictions_{prefix}.json", predictions.answers),
-             (f"nbest_predictions_{prefix}.json", predictions.nbest)]
+def write_predictions(output_dir: str, prefix: str | None, predictions: Predictions, version_2: bool) -> list[str]:
+    """predictions_<prefix>.json, nbest_predictions_<prefix>.json and (v2.0) null_odds_<prefix>.json (prefix
+    None: predictions.json, ..., SQuAD's submission names), each written atomically; returns the paths."""
+    tail = ".json" if prefix is None else f"_{prefix}.json"
+    files = [(f"predictions{tail}", predictions.answers), (f"nbest_predictions{tail}", predictions.nbest)]
     if version_2:
-        files.append((f"null_odds_{prefix}.json", predictions.null_odds))
+        files.append((f"null_odds{tail}", predictions.null_odds))
     paths = []
     for name, obj in files:
         path = os.path.join(output_dir, name)

@@ -13,11 +13,16 @@
   the task head stay dense, as in the original.
 * `threshold_schedule` is the paper's cubic schedule; `global_score_cut` gives global top-k;
   `regularization_term` the L1 / L0 penalty on the scores.
-* A masked model is saved as a normal checkpoint plus the scores, with its pruning state in
-  `config.json` (`"pruning": {...}`); `load_masked_model` rebuilds it. `fold_masks` multiplies the masks into
-  the weights and gives back a stock model ("bertarize"); `save_compact` / `load_compact_state_dict` store
-  the pruned matrices in CSR form. The readers take what transformers writes today (`model.safetensors`,
-  sharded or not) and the older `pytorch_model.bin` files, the original's `masked_bert` folders included.
+* `save_masked_model` writes a folder that does not lie to stock code: under the stock keys it holds the pruned
+  weights (the masks multiplied in), so `AutoModelForQuestionAnswering.from_pretrained` gives exactly the masked
+  model's evaluation outputs; the unpruned weights (`<module>.unpruned_weight`) and the scores
+  (`<module>.mask_scores`), which stock code reports as unexpected and ignores, and the pruning state in
+  `config.json` (`"pruning": {...}`) let `load_masked_model` rebuild the masked model exactly (another threshold,
+  resume). `fold_masks` multiplies the masks into the weights and gives back a stock model ("bertarize");
+  `save_compact` / `load_compact_state_dict` store the pruned matrices in CSR form. The readers take what
+  transformers writes today (`model.safetensors`, sharded or not) and the older `pytorch_model.bin` files, the
+  original's `masked_bert` folders and folders saved before the pruned weights went under the stock keys
+  included.
 """
 
 from __future__ import annotations
@@ -47,6 +52,7 @@ GLOBAL_METHODS = ("topK", "threshold", "magnitude")
 MASK_INITS = ("constant", "uniform", "kaiming")
 REGULARIZATIONS = ("l1", "l0")
 PRUNING_KEY = "pruning"
+UNPRUNED_WEIGHT = "unpruned_weight"  # where a saved masked module keeps its weight before masking
 MIN_KEPT_FRACTION = 0.005  # threshold masks keep at least 0.5% of a matrix (the original's floor)
 L0_LEFT, L0_RIGHT, L0_BETA = -0.1, 1.1, 2.0 / 3.0  # hard-concrete stretch interval and temperature
 
@@ -315,6 +321,28 @@ class Schedule:
             return threshold, 0.0
         return threshold, self.final_lambda * threshold / self.final_threshold
 
+    def shortfall(self, total_steps: int) -> str | None:
+        """Why a run of `total_steps` optimizer steps does not follow the whole schedule (None when it does): it
+        ends within the initial hold, so the threshold never leaves its initial value, or it is shorter than both
+        holds, so the threshold jumps to its final value with no cubic descent."""
+        hold_start = self.initial_warmup * self.warmup_steps
+        needed = hold_start + self.final_warmup * self.warmup_steps
+        if self.initial_threshold == self.final_threshold or total_steps > needed:
+            return None
+        holds = (f"(--initial_warmup {self.initial_warmup} + --final_warmup {self.final_warmup}) x --warmup_steps "
+                 f"{self.warmup_steps} = {needed}")
+        fix = ("raise --max_steps / --num_train_epochs, or lower --warmup_steps (it also sets the learning-rate "
+               "warmup), --initial_warmup or --final_warmup")
+        if total_steps <= hold_start:
+            return (f"the run has {total_steps} optimizer steps, but the threshold holds at --initial_threshold "
+                    f"{self.initial_threshold:g} for the first --initial_warmup {self.initial_warmup} x --warmup_steps "
+                    f"{self.warmup_steps} = {hold_start}: it never moves towards --final_threshold "
+                    f"{self.final_threshold:g} and prunes no more than the initial threshold does; the schedule needs "
+                    f"more than {holds} steps: {fix}")
+        return (f"the run has {total_steps} optimizer steps, not more than {holds}: the threshold jumps from "
+                f"{self.initial_threshold:g} to {self.final_threshold:g} at step {hold_start + 1} with no cubic "
+                f"descent; {fix}")
+
 
 def regularization_term(model: nn.Module, mode: str) -> torch.Tensor:
     """Mean over the masked matrices of the scores' penalty: l1 = mean sigmoid(scores) (soft movement
@@ -453,6 +481,37 @@ def prepare_config_for_save(model: nn.Module) -> None:
     setattr(model.config, PRUNING_KEY, pruning_state(model).to_json())
 
 
+def state_dict_for_save(model: nn.Module) -> dict[str, torch.Tensor]:
+    """What a masked model's folder holds: under each masked module's stock `weight` key the pruned weight (its
+    evaluation-mode mask multiplied in), so that stock `from_pretrained` builds the pruned model and not the
+    unpruned one; the weight itself under `<module>.unpruned_weight` and the scores under `<module>.mask_scores`
+    (keys stock classes do not have: reported as unexpected and ignored), for `load_masked_model`."""
+    model = getattr(model, "module", model)
+    state = model.state_dict()
+    for name, module in masked_modules(model).items():
+        state[f"{name}.{UNPRUNED_WEIGHT}"] = state[f"{name}.weight"]
+        state[f"{name}.weight"] = module.folded_weight()
+    return state
+
+
+def save_masked_model(model: nn.Module, folder: str, **kwargs: Any) -> None:
+    """save_pretrained for a masked model: its pruning state in config.json, the weights of
+    `state_dict_for_save` (stock loading gives exactly the masked model's evaluation outputs)."""
+    model = getattr(model, "module", model)
+    prepare_config_for_save(model)
+    model.save_pretrained(folder, state_dict=state_dict_for_save(model), **kwargs)
+
+
+def unpruned_state(state: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The masked model's own state dict from a saved one: the unpruned weights go back under `weight` (a folder
+    saved without them, by the original code or before they were split off, already holds them there)."""
+    suffix = f".{UNPRUNED_WEIGHT}"
+    own = dict(state)
+    for key in [k for k in state if k.endswith(suffix)]:
+        own[key[: -len(suffix)] + ".weight"] = own.pop(key)
+    return own
+
+
 def read_config_json(folder: str) -> dict[str, Any]:
     path = os.path.join(folder, "config.json")
     if not os.path.isfile(path):
@@ -571,7 +630,7 @@ def load_masked_model(folder: str, auto_class: Any = None, threshold: float | No
         raise UserError(f"{folder}: unknown pruning method {state.method!r} in config.json")
     model = build_model(stock_config(config_dict), auto_class)
     mask_model(model, state.method, state.mask_init, state.mask_scale)
-    load_state_into(model, read_state_dict(folder), folder)
+    load_state_into(model, unpruned_state(read_state_dict(folder)), folder)
     if threshold is not None:
         set_threshold(model, threshold)
     elif state.threshold is not None:
