@@ -18,11 +18,10 @@ import torch
 
 import extract_student
 import run_glue_early_exit as script
-from common.errors import UserError
+from common.errors import UserError, run_cli
 from common.io import TEMP_MARK, remove_stale_temporaries, temp_name
-from conftest import ROOT, model_state
+from conftest import model_state
 
-SCRIPT = str(ROOT / "scripts" / "run_glue_early_exit.py")
 FAST = ["--max_seq_length", "32", "--per_gpu_train_batch_size", "16", "--per_gpu_eval_batch_size", "16",
         "--learning_rate", "1e-3", "--logging_steps", "2", "--seed", "7"]
 
@@ -32,15 +31,16 @@ def glue(model: str, data: str, out: Path, *extra: str) -> list[str]:
             *FAST, *extra]
 
 
-def one_line_exit_2(args: list[str], script_path: str = SCRIPT) -> str:
-    """Run a script's CLI; assert it failed with one line and exit code 2, no traceback; return the line."""
-    env = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1", "TRANSFORMERS_VERBOSITY": "error"}
-    proc = subprocess.run([sys.executable, script_path, *args], capture_output=True, text=True, env=env,
-                          timeout=300)
-    assert proc.returncode == 2, proc.stderr[-3000:]
-    assert "Traceback" not in proc.stderr, proc.stderr[-3000:]
-    errors = [line for line in proc.stderr.splitlines() if line.startswith("error: ")]
-    assert len(errors) == 1, proc.stderr[-3000:]
+def one_line_exit_2(capsys, args: list[str], main=script.main) -> str:
+    """Run a script's main() the way its command line does (common.errors.run_cli, in this process: starting a
+    Python per case would cost ~10 s each); assert it failed with one line and exit code 2, no traceback;
+    return the line."""
+    code = run_cli(main, args)
+    err = capsys.readouterr().err
+    assert code == 2, err[-3000:]
+    assert "Traceback" not in err, err[-3000:]
+    errors = [line for line in err.splitlines() if line.startswith("error: ")]
+    assert len(errors) == 1, err[-3000:]
     return errors[0]
 
 
@@ -135,56 +135,58 @@ def test_latest_passes_over_a_damaged_newest_checkpoint(checkpointed, tiny_bert_
     assert not [k for k in reference if not torch.equal(reference[k], resumed[k])]
 
 
-def test_a_damaged_checkpoint_named_explicitly_is_one_line(checkpointed, tiny_bert_dir, sst2_dir, tmp_path):
+def test_a_damaged_checkpoint_named_explicitly_is_one_line(checkpointed, tiny_bert_dir, sst2_dir, tmp_path, capsys):
     ckpt = tmp_path / "ckpt"
     shutil.copytree(checkpointed / "checkpoint-stage1-000005", ckpt)
     with open(ckpt / "optimizer.pt", "wb") as f:
         pickle.dump({"step": 5}, f)
-    line = one_line_exit_2(glue(tiny_bert_dir, sst2_dir, tmp_path / "out", "--do_train",
-                                "--resume_from_checkpoint", str(ckpt)))
+    line = one_line_exit_2(capsys, glue(tiny_bert_dir, sst2_dir, tmp_path / "out", "--do_train",
+                                        "--resume_from_checkpoint", str(ckpt)))
     assert "optimizer.pt is damaged" in line
 
 
-def test_latest_with_only_damaged_checkpoints_is_one_line(checkpointed, tiny_bert_dir, sst2_dir, tmp_path):
+def test_latest_with_only_damaged_checkpoints_is_one_line(checkpointed, tiny_bert_dir, sst2_dir, tmp_path, capsys):
     out = tmp_path / "out"
     shutil.copytree(checkpointed / "checkpoint-stage1-000005", out / "checkpoint-stage1-000005")
     (out / "checkpoint-stage1-000005" / "trainer_state.json").write_text('{"global_st')
-    line = one_line_exit_2(glue(tiny_bert_dir, sst2_dir, out, "--do_train", "--resume_from_checkpoint", "latest"))
+    line = one_line_exit_2(capsys, glue(tiny_bert_dir, sst2_dir, out, "--do_train", "--resume_from_checkpoint",
+                                        "latest"))
     assert "no checkpoint" in line and "complete" in line
 
 
 # ---------------------------------------------------------------------------------------------- 4. one line
 
 
-def test_a_truncated_model_file_is_one_line(tiny_bert_dir, sst2_dir, tmp_path):
+def test_a_truncated_model_file_is_one_line(tiny_bert_dir, sst2_dir, tmp_path, capsys):
     model = tmp_path / "model"
     shutil.copytree(tiny_bert_dir, model)
     blob = (model / "model.safetensors").read_bytes()
     (model / "model.safetensors").write_bytes(blob[: len(blob) // 3])
-    line = one_line_exit_2(glue(str(model), sst2_dir, tmp_path / "out", "--do_train"))
+    line = one_line_exit_2(capsys, glue(str(model), sst2_dir, tmp_path / "out", "--do_train"))
     assert "model.safetensors is damaged" in line
     assert not (tmp_path / "out").exists()
 
 
-def test_a_read_only_output_folder_is_one_line(small_disk, tiny_bert_dir, sst2_dir):
+def test_a_read_only_output_folder_is_one_line(small_disk, tiny_bert_dir, sst2_dir, capsys):
     disk = small_disk("ro,size=1m")
-    line = one_line_exit_2(glue(tiny_bert_dir, sst2_dir, disk / "out", "--do_train", "--max_steps", "2"))
+    line = one_line_exit_2(capsys, glue(tiny_bert_dir, sst2_dir, disk / "out", "--do_train", "--max_steps", "2"))
     assert "cannot write" in line and "Read-only file system" in line
 
 
-def test_a_full_disk_while_saving_is_one_line_and_leaves_no_temporary(small_disk, tiny_bert_dir, sst2_dir):
+def test_a_full_disk_while_saving_is_one_line_and_leaves_no_temporary(small_disk, tiny_bert_dir, sst2_dir, capsys):
     disk = small_disk("size=600k")  # room for the run's bookkeeping, not for a checkpoint of the ~0.5 MB model
     out = disk / "out"
-    line = one_line_exit_2(glue(tiny_bert_dir, sst2_dir, out, "--do_train", "--max_steps", "4", "--save_steps", "2"))
+    line = one_line_exit_2(capsys, glue(tiny_bert_dir, sst2_dir, out, "--do_train", "--max_steps", "4",
+                                        "--save_steps", "2"))
     assert "cannot write" in line and "free" in line
     assert leftovers(disk) == []
 
 
-def test_extract_student_refuses_a_file_as_its_folder(tmp_path):
+def test_extract_student_refuses_a_file_as_its_folder(tmp_path, capsys):
     target = tmp_path / "student.bin"
     target.write_text("something")
-    line = one_line_exit_2(["--model_name", str(tmp_path), "--dump_checkpoint", str(target)],
-                           str(ROOT / "scripts" / "extract_student.py"))
+    line = one_line_exit_2(capsys, ["--model_name", str(tmp_path), "--dump_checkpoint", str(target)],
+                           extract_student.main)
     assert "is a file" in line
     assert target.read_text() == "something"
     with pytest.raises(UserError):
