@@ -44,9 +44,8 @@ class Session:
     def start(self, output_dir: str, argv: Sequence[str] | None, args: Any, resolved: Any, seed: int,
               fresh: bool) -> None:
         """The run really starts: rank 0 removes temporaries that killed runs left in the output folder, creates
-        it, removes a previous run's log and TensorBoard events when this one is fresh (a resumed run appends),
-        writes run_args.json;
-        then every rank is seeded with seed + rank."""
+        it, removes a previous run's log and TensorBoard events when this one is fresh (a resumed run appends)
+        and writes run_args.json; then every rank is seeded with seed + rank."""
         self.output_dir = output_dir
         self.report_to = getattr(args, "report_to", "tensorboard")
         if self.ctx.is_main:
