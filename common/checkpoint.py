@@ -111,9 +111,8 @@ def find_checkpoints(output_dir: str) -> list[str]:
     for path in _state_folders(output_dir):
         try:
             with open(os.path.join(path, STATE_FILE), encoding="utf-8") as f:
-                state = json.load(f)
-            order = (state.get("stage_index") or state.get("extra", {}).get("stage_index", 0), state["global_step"])
-        except (OSError, ValueError, KeyError, AttributeError) as err:
+                order = TrainState(**json.load(f)).order
+        except (OSError, ValueError, TypeError, AttributeError) as err:
             logger.warning("%s is damaged (%s: %s); left out", path, STATE_FILE, err)
             continue
         found.append((order, path))

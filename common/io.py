@@ -19,12 +19,12 @@ from typing import Any, Callable, Iterator, Mapping
 import torch
 from safetensors import SafetensorError
 
-from common.errors import UserError
+from common.errors import USER_ERRNOS, UserError
 
 TEMP_MARK = ".tmp-"  # every temporary name holds it (hidden, next to its target): easy to recognise and clean
 TEMP_PATTERN = re.compile(r"^\..*\.tmp-(\d+)-[0-9a-f]{8}")  # what temp_name makes: the writer's pid in group 1
 LOW_SPACE = 16 * 2**20  # a write that fails with less free space than this failed for want of space
-IO_ERRNOS = (errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM, errno.EIO)
+IO_ERRNOS = (*USER_ERRNOS, errno.EIO)  # what run_cli reports as the user's to fix, and a failing device
 
 
 class WriteError(UserError):

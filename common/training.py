@@ -254,7 +254,7 @@ class _StageRun:
         state = load_checkpoint(self.ctx, path, self.optimizer, self.scheduler, self.scaler)
         check_plan(path, state, self.plan)
         state.plan, state.stage_index = asdict(self.plan), self.state.stage_index
-        self.state, self.last_checkpoint = state, path
+        self.state, self.last_checkpoint, self.resumed_from = state, path, path
         logger.info("Resumed from %s at step %d (epoch %d)", path, state.global_step, state.epoch)
 
     def run(self) -> TrainResult:
@@ -437,7 +437,6 @@ def train(
             stage.enter()
         runner = _StageRun(ctx, cfg, model, stage, index, source, plan, save_model, tb_writer)
         set_seed(cfg.seed + ctx.rank)
-        runner.resumed_from = resume_from
         if resume_from and index == first:
             runner.resume(resume_from)
         result = runner.run()

@@ -360,14 +360,9 @@ def evaluate(ctx: DistContext, args: argparse.Namespace, run: Run, model: EarlyE
     result: dict[str, Any] = {"task": eval_task, "num_examples": int(len(dev["labels"])),
                               "num_layers": num_layers, "primary_metric": primary}
 
-    def run_rule(rule: ExitRule | None, desc: str) -> tuple[dict[str, np.ndarray], float]:
-        return exit_outputs(ctx, args, model, dev, rule, desc)
-
     # One untimed batch first, so one-off start-up costs (allocator, kernels) do not land in the timings.
-    warm = {k: v[:bs] for k, v in dev.items()}
-    predict(ctx, warm, bs, lambda b: {"logits": model.early_exit(None, **model_inputs(b))[0]}, args.dynamic_padding,
-            desc="warm-up")
-    full, full_seconds = run_rule(None, f"eval {eval_task}")
+    exit_outputs(ctx, args, model, {k: v[:bs] for k, v in dev.items()}, None, "warm-up")
+    full, full_seconds = exit_outputs(ctx, args, model, dev, None, f"eval {eval_task}")
     labels = full["labels"]
     result["metrics"] = glue.compute_metrics(eval_task, predictions(eval_task, full["logits"]), labels)
     result["seconds_all_layers"] = full_seconds
@@ -391,7 +386,7 @@ def evaluate(ctx: DistContext, args: argparse.Namespace, run: Run, model: EarlyE
         if not model.off_ramps_trained:
             raise UserError(f"{run.model_path} has no trained off-ramps; early exit needs a model trained by "
                             "this script (--do_train)")
-        out, seconds = run_rule(rule, f"early exit {rule.label}")
+        out, seconds = exit_outputs(ctx, args, model, dev, rule, f"early exit {rule.label}")
         exits = out["exit_layer"].astype(np.int64)
         metrics = glue.compute_metrics(eval_task, predictions(eval_task, out["logits"]), labels)
         point = {
