@@ -6,6 +6,7 @@ from __future__ import annotations
 import argparse
 import math
 import os
+import sys
 from typing import Any, Mapping, Sequence
 
 from common.errors import UserError
@@ -21,6 +22,18 @@ class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
                 isinstance(action, (argparse._StoreTrueAction, argparse._StoreFalseAction)):
             return text
         return super()._get_help_string(action)
+
+
+def answering_help(module_name: str, argv: Sequence[str] | None = None) -> bool:
+    """True when a script runs as a program only to print its --help: it then skips its heavy imports (torch and
+    transformers take seconds), since argparse answers -h / --help and exits before anything uses them. Always
+    False on import (tests import the scripts as modules)."""
+    if module_name != "__main__":
+        return False
+    args = list(sys.argv[1:] if argv is None else argv)
+    if "--" in args:  # after "--" every word is a value, so "-h" there is no request for help
+        args = args[:args.index("--")]
+    return "-h" in args or "--help" in args
 
 
 def script_parser(doc: str | None) -> argparse.ArgumentParser:

@@ -13,9 +13,6 @@ import tempfile
 import time
 from typing import Any, Callable, Mapping, Sequence
 
-import torch
-import transformers
-
 from common.args import script_parser
 from common.errors import RESULTS_ENV, UserError
 from common.io import write_json_atomic
@@ -49,6 +46,10 @@ def load_average() -> list[float] | None:
 
 def environment(device: str) -> dict[str, Any]:
     """Versions, CPUs, torch threads and the device: what the timings depend on."""
+    # Imported here, not at the top: a bench's --help answers without loading torch and transformers.
+    import torch
+    import transformers
+
     return {
         "python": platform.python_version(), "platform": platform.platform(), "torch": torch.__version__,
         "transformers": transformers.__version__, "cpu_count": os.cpu_count(),
@@ -94,6 +95,8 @@ def write_record(out: str, bench: dict[str, Any], wall: dict[str, float], start:
     write it atomically to <out>/bench_results.json and print its report."""
     wall["total"] = time.perf_counter() - start
     bench["wall_seconds"] = wall
+    import torch  # see environment()
+
     bench["environment"] = {**environment("cuda" if torch.cuda.is_available() else "cpu"),
                             "load_average_1_5_15min_before": load_before,
                             "load_average_1_5_15min_after": load_average()}

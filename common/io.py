@@ -14,12 +14,14 @@ import os
 import re
 import shutil
 import uuid
-from typing import Any, Callable, Iterator, Mapping
+from typing import TYPE_CHECKING, Any, Callable, Iterator, Mapping
 
-import torch
 from safetensors import SafetensorError
 
 from common.errors import USER_ERRNOS, UserError
+
+if TYPE_CHECKING:  # only named in annotations: the light modules that import io stay free of torch
+    import torch
 
 TEMP_MARK = ".tmp-"  # every temporary name holds it (hidden, next to its target): easy to recognise and clean
 TEMP_PATTERN = re.compile(r"^\..*\.tmp-(\d+)-[0-9a-f]{8}")  # what temp_name makes: the writer's pid in group 1

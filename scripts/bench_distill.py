@@ -32,15 +32,18 @@ import sys
 import time
 from typing import Any, Sequence
 
-import torch
-from transformers import AutoTokenizer, BertForMaskedLM
-
+from common.args import answering_help
 from common.bench import bench_parser, format_table, new_record, run_script, write_record
-from common.builtin.distill import train_masked_lm
-from common.distributed import DistContext
 from common.errors import UserError, run_cli
-from common.pretrained import check_model_folder
-from common.io import write_bytes_atomic, write_text_atomic
+
+if not answering_help(__name__):  # -h/--help answers at once: argparse needs none of what follows
+    import torch
+    from transformers import AutoTokenizer, BertForMaskedLM
+
+    from common.builtin.distill import train_masked_lm
+    from common.distributed import DistContext
+    from common.pretrained import check_model_folder
+    from common.io import write_bytes_atomic, write_text_atomic
 
 SCRIPTS = os.path.dirname(os.path.abspath(__file__))
 BINARIZE = os.path.join(SCRIPTS, "binarize_data.py")

@@ -34,19 +34,21 @@ import sys
 import time
 from typing import Any, Sequence
 
-import torch
-
-from common.batches import epoch_batches
-from common.bench import (
-    abba_order, bench_parser, format_table, load_average, new_record, run_script, write_record,
-)
-from common.data import glue
-from common.data.glue import eval_tasks
-from common.distributed import DistContext
+from common.args import answering_help
+from common.bench import abba_order, bench_parser, format_table, load_average, new_record, run_script, write_record
+from common.data.glue_tasks import TASKS
 from common.errors import UserError, run_cli
-from common.loaders import load_tokenizer
-from common.io import write_text_atomic
-from common.training import TrainConfig, plan_for_examples
+
+if not answering_help(__name__):  # -h/--help answers at once: argparse needs none of what follows
+    import torch
+
+    from common.batches import epoch_batches
+    from common.data import glue
+    from common.data.glue import eval_tasks
+    from common.distributed import DistContext
+    from common.loaders import load_tokenizer
+    from common.io import write_text_atomic
+    from common.training import TrainConfig, plan_for_examples
 
 SCRIPT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "run_glue_early_exit.py")
 DEFAULT_ENTROPIES = (0.0, 0.05, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6)
@@ -55,7 +57,7 @@ DEFAULT_ENTROPIES = (0.0, 0.05, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6)
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser = bench_parser(__doc__, "Folder of the pretrained BERT/RoBERTa model to fine-tune (e.g. all-MiniLM-L6-v2).")
     parser.add_argument("--data_dir", required=True, help="Folder with the task's GLUE train/dev .tsv files.")
-    parser.add_argument("--task_name", default="sst-2", help="GLUE task: " + ", ".join(glue.TASKS))
+    parser.add_argument("--task_name", default="sst-2", help="GLUE task: " + ", ".join(TASKS))
     parser.add_argument("--output_dir", default=os.path.join("runs", "bench-glue"),
                         help="Where the data subset, the models, the runs' outputs and bench_results.json go.")
     parser.add_argument("--train_examples", default=8000, type=int,

@@ -36,14 +36,17 @@ import sys
 import time
 from typing import Any, Sequence
 
-import torch
-from transformers import AutoModelForQuestionAnswering, AutoTokenizer
-
+from common.args import answering_help
 from common.bench import bench_parser, format_table, new_record, run_script, write_record
-from common.data import squad
 from common.errors import UserError, run_cli
-from common.models import masked
-from common.io import write_text_atomic
+
+if not answering_help(__name__):  # -h/--help answers at once: argparse needs none of what follows
+    import torch
+    from transformers import AutoModelForQuestionAnswering, AutoTokenizer
+
+    from common.data import squad
+    from common.models import masked
+    from common.io import write_text_atomic
 
 SCRIPTS = os.path.dirname(os.path.abspath(__file__))
 SCRIPT = os.path.join(SCRIPTS, "run_squad_pruning.py")

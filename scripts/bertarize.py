@@ -27,10 +27,12 @@ import shutil
 import sys
 from typing import Any, Sequence
 
-from common.args import script_parser
+from common.args import answering_help, script_parser
 from common.errors import UserError, run_cli
-from common.models import masked
-from common.io import save_folder_atomic, write_json_atomic
+
+if not answering_help(__name__):  # -h/--help answers at once: argparse needs none of what follows
+    from common.models import masked
+    from common.io import save_folder_atomic, write_json_atomic
 
 logger = logging.getLogger("bertarize")
 

@@ -24,10 +24,13 @@ import sys
 import time
 from typing import Any, Sequence
 
-from common.args import script_parser
-from common.data import lm
+from common.args import answering_help, script_parser
 from common.errors import UserError, run_cli
-from common.loaders import load_tokenizer
+from common.models.families import TOKENIZER_TYPES
+
+if not answering_help(__name__):  # -h/--help answers at once: argparse needs none of what follows
+    from common.data import lm
+    from common.loaders import load_tokenizer
 
 logger = logging.getLogger("binarize_data")
 
@@ -35,7 +38,7 @@ logger = logging.getLogger("binarize_data")
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser = script_parser(__doc__)
     parser.add_argument("--file_path", default="data/dump.txt", help="The text: one sequence per line, UTF-8.")
-    parser.add_argument("--tokenizer_type", default=None, choices=sorted(lm.TOKENIZER_TYPES),
+    parser.add_argument("--tokenizer_type", default=None, choices=sorted(TOKENIZER_TYPES),
                         help="Picks the tokens around each line: [CLS]/[SEP] (bert, distilbert, roberta) or "
                              "BOS/EOS (gpt2). Default: [CLS]/[SEP] when the tokenizer has them.")
     parser.add_argument("--tokenizer_name", default="bert-base-uncased", help="Tokenizer folder or hub name.")

@@ -20,12 +20,14 @@ import os
 import sys
 from typing import Any, Sequence
 
-import torch
-
-from common.args import script_parser
+from common.args import answering_help, script_parser
 from common.errors import UserError, run_cli
-from common.models import masked
-from common.io import write_json_atomic
+
+if not answering_help(__name__):  # -h/--help answers at once: argparse needs none of what follows
+    import torch
+
+    from common.models import masked
+    from common.io import write_json_atomic
 
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:

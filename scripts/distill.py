@@ -37,38 +37,38 @@ import time
 from dataclasses import asdict, dataclass
 from typing import Any, Sequence
 
-import numpy as np
-import torch
-from safetensors import safe_open
-from torch import nn
-from transformers import AutoConfig
-
-from common import visualize
 from common.args import (
-    add_convention_args, add_disable_tqdm_arg, add_distributed_args, check_output_dir, check_precision_flags,
-    check_training_args, parse_with_builtin_defaults, raise_if_problems, script_parser,
+    add_convention_args, add_disable_tqdm_arg, add_distributed_args, answering_help, check_output_dir,
+    check_precision_flags, check_training_args, parse_with_builtin_defaults, raise_if_problems, script_parser,
 )
-from common.builtin.distill import prepare_builtin
-from common.checkpoint import resolve_resume_path
-from common.cli import save_final_model, script_context
-from common.data import lm
-from common.distillation import (
-    clm_labels, fixed_mlm_mask, hidden_cosine, hidden_mse, lm_cross_entropy, masking_probabilities, mlm_mask,
-    sequence_nll, soft_cross_entropy,
-)
-from common.distributed import DistContext, all_gather_objects, barrier, main_process_first
 from common.errors import UserError, run_cli
-from common.io import write_json_atomic
-from common.model_card import write_model_card
-from common.loaders import load_tokenizer, model_saver
-from common.models.student import (
-    CAUSAL_TYPES, FAMILY, MODEL_CLASSES, POSITION_EMBEDDINGS, STUDENT_TYPES, TEACHER_TYPES, TOKEN_TYPE_EMBEDDINGS,
-    load_teacher,
-)
-from common.models import masked
-from common.pretrained import check_model_folder
-from common.results import flat_metrics, train_metrics, write_run_results
-from common.training import Stage, TrainConfig, param_groups, plan_steps, predict, train
+from common.models.families import CAUSAL_TYPES, FAMILY, STUDENT_TYPES, TEACHER_TYPES
+
+if not answering_help(__name__):  # -h/--help answers at once: argparse needs none of what follows
+    import numpy as np
+    import torch
+    from safetensors import safe_open
+    from torch import nn
+    from transformers import AutoConfig
+
+    from common import visualize
+    from common.builtin.distill import prepare_builtin
+    from common.checkpoint import resolve_resume_path
+    from common.cli import save_final_model, script_context
+    from common.data import lm
+    from common.distillation import (
+        clm_labels, fixed_mlm_mask, hidden_cosine, hidden_mse, lm_cross_entropy, masking_probabilities, mlm_mask,
+        sequence_nll, soft_cross_entropy,
+    )
+    from common.distributed import DistContext, all_gather_objects, barrier, main_process_first
+    from common.io import write_json_atomic
+    from common.model_card import write_model_card
+    from common.loaders import load_tokenizer, model_saver
+    from common.models.student import MODEL_CLASSES, POSITION_EMBEDDINGS, TOKEN_TYPE_EMBEDDINGS, load_teacher
+    from common.models import masked
+    from common.pretrained import check_model_folder
+    from common.results import flat_metrics, train_metrics, write_run_results
+    from common.training import Stage, TrainConfig, param_groups, plan_steps, predict, train
 
 logger = logging.getLogger("distill")
 

@@ -27,13 +27,14 @@ import os
 import sys
 from typing import Any, Sequence
 
-from transformers import AutoTokenizer
-
-from common.args import script_parser
+from common.args import answering_help, script_parser
 from common.errors import UserError, run_cli
-from common.models.student import (
-    STUDENT_TYPES, STUDENTS_OF, TEACHER_TYPES, choose_layers, extract, load_teacher, num_layers, save_student,
-)
+from common.models.families import STUDENT_TYPES, STUDENTS_OF, TEACHER_TYPES
+
+if not answering_help(__name__):  # -h/--help answers at once: argparse needs none of what follows
+    from transformers import AutoTokenizer
+
+    from common.models.student import choose_layers, extract, load_teacher, num_layers, save_student
 
 logger = logging.getLogger("extract_student")
 

@@ -28,31 +28,34 @@ import sys
 from dataclasses import dataclass
 from typing import Any, Callable, Sequence
 
-import numpy as np
-import torch
-from transformers import AutoConfig
-
-from common import visualize
 from common.args import (
-    add_distributed_args, add_model_args, add_run_args, add_training_args, check_output_dir, check_run_args,
-    parse_with_builtin_defaults, raise_if_problems, script_parser,
+    add_distributed_args, add_model_args, add_run_args, add_training_args, answering_help, check_output_dir,
+    check_run_args, parse_with_builtin_defaults, raise_if_problems, script_parser,
 )
-from common.builtin import glue as builtin
-from common.caching import file_identity, first_examples, load_and_cache_examples, tokenizer_identity
-from common.checkpoint import resolve_resume_path
-from common.cli import build_on_main, evaluate_checkpoints, save_final_model, script_context
-from common.data import glue
-from common.data.glue import eval_tasks
-from common.distributed import DistContext, barrier
+from common.data.glue_tasks import TASKS
 from common.errors import UserError, run_cli
-from common.io import write_json_atomic, write_text_atomic
-from common.model_card import write_model_card
-from common.results import flat_metrics, train_metrics, write_run_results
-from common.loaders import load_tokenizer as load_fast_tokenizer
-from common.loaders import model_saver
-from common.models.highway import STAGE1, STAGE2, EarlyExitModel, EntropyExit, ExitRule, PatienceExit
-from common.pretrained import check_model_folder
-from common.training import Stage, TrainConfig, TrainResult, param_groups, predict, train
+
+if not answering_help(__name__):  # -h/--help answers at once: argparse needs none of what follows
+    import numpy as np
+    import torch
+    from transformers import AutoConfig
+
+    from common import visualize
+    from common.builtin import glue as builtin
+    from common.caching import file_identity, first_examples, load_and_cache_examples, tokenizer_identity
+    from common.checkpoint import resolve_resume_path
+    from common.cli import build_on_main, evaluate_checkpoints, save_final_model, script_context
+    from common.data import glue
+    from common.data.glue import eval_tasks
+    from common.distributed import DistContext, barrier
+    from common.io import write_json_atomic, write_text_atomic
+    from common.model_card import write_model_card
+    from common.results import flat_metrics, train_metrics, write_run_results
+    from common.loaders import load_tokenizer as load_fast_tokenizer
+    from common.loaders import model_saver
+    from common.models.highway import STAGE1, STAGE2, EarlyExitModel, EntropyExit, ExitRule, PatienceExit
+    from common.pretrained import check_model_folder
+    from common.training import Stage, TrainConfig, TrainResult, param_groups, predict, train
 
 logger = logging.getLogger("run_glue_early_exit")
 
@@ -73,7 +76,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser = script_parser(__doc__)
     add_model_args(parser)
     g = parser.add_argument_group("data")
-    g.add_argument("--task_name", default=None, help="GLUE task: " + ", ".join(glue.TASKS))
+    g.add_argument("--task_name", default=None, help="GLUE task: " + ", ".join(TASKS))
     g.add_argument("--data_dir", default=None, help="Folder with the task's GLUE .tsv files.")
     g.add_argument("--max_seq_length", default=128, type=int, help="Longest tokenized input; longer is cut.")
     add_training_args(parser)

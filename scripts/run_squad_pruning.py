@@ -34,31 +34,33 @@ import sys
 from dataclasses import dataclass
 from typing import Any, Callable, Sequence
 
-import torch
-import torch.nn.functional as F
-from transformers import AutoModelForQuestionAnswering
-
-from common import visualize
 from common.args import (
-    add_distributed_args, add_model_args, add_run_args, add_training_args, check_output_dir, check_run_args,
-    parse_with_builtin_defaults, raise_if_problems, script_parser,
+    add_distributed_args, add_model_args, add_run_args, add_training_args, answering_help, check_output_dir,
+    check_run_args, parse_with_builtin_defaults, raise_if_problems, script_parser,
 )
-from common.builtin import squad as builtin
-from common.caching import file_identity, first_examples, load_and_cache_examples, tokenizer_identity
-from common.checkpoint import read_checkpoint_state, resolve_resume_path
-from common.cli import build_on_main, evaluate_checkpoints, save_final_model, script_context
-from common.data import squad
-from common.distillation import soft_cross_entropy
-from common.distributed import DistContext, barrier, broadcast_object
 from common.errors import UserError, run_cli
-from common.io import write_json_atomic, write_text_atomic
-from common.model_card import write_model_card
-from common.results import flat_metrics, train_metrics, write_run_results
-from common.loaders import load_tokenizer as load_fast_tokenizer
-from common.loaders import model_saver
-from common.models import masked
-from common.pretrained import check_model_folder
-from common.training import Stage, TrainConfig, param_groups, plan_for_examples, predict, train
+
+if not answering_help(__name__):  # -h/--help answers at once: argparse needs none of what follows
+    import torch
+    import torch.nn.functional as F
+    from transformers import AutoModelForQuestionAnswering
+
+    from common import visualize
+    from common.builtin import squad as builtin
+    from common.caching import file_identity, first_examples, load_and_cache_examples, tokenizer_identity
+    from common.checkpoint import read_checkpoint_state, resolve_resume_path
+    from common.cli import build_on_main, evaluate_checkpoints, save_final_model, script_context
+    from common.data import squad
+    from common.distillation import soft_cross_entropy
+    from common.distributed import DistContext, barrier, broadcast_object
+    from common.io import write_json_atomic, write_text_atomic
+    from common.model_card import write_model_card
+    from common.results import flat_metrics, train_metrics, write_run_results
+    from common.loaders import load_tokenizer as load_fast_tokenizer
+    from common.loaders import model_saver
+    from common.models import masked
+    from common.pretrained import check_model_folder
+    from common.training import Stage, TrainConfig, param_groups, plan_for_examples, predict, train
 
 logger = logging.getLogger("run_squad_pruning")
 

@@ -18,9 +18,11 @@ import os
 import sys
 from typing import Any, Sequence
 
-from common.args import script_parser
-from common.data import lm
+from common.args import answering_help, script_parser
 from common.errors import UserError, run_cli
+
+if not answering_help(__name__):  # -h/--help answers at once: argparse needs none of what follows
+    from common.data import lm
 
 logger = logging.getLogger("token_counts")
 

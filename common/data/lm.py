@@ -33,6 +33,7 @@ from common.batches import epoch_batches, per_rank_batches, rank_permutation
 from common.distributed import DistContext
 from common.errors import UserError, file_error
 from common.io import remove_path, temp_name
+from common.models.families import TOKENIZER_TYPES
 from common.progress import progress_bar
 
 logger = logging.getLogger(__name__)
@@ -79,9 +80,6 @@ class Wrap:
     style: str  # "cls_sep" or "bos_eos"
     first_id: int
     last_id: int
-
-
-TOKENIZER_TYPES = {"bert": "cls_sep", "distilbert": "cls_sep", "roberta": "cls_sep", "gpt2": "bos_eos"}
 
 
 def tokenizer_wrap(tokenizer: Any, tokenizer_type: str | None = None) -> Wrap:

@@ -1,5 +1,5 @@
 """Distillation students made from teacher layers (DistilBERT's "initialize from the teacher by taking one layer
-out of two"), and the model-family tables of distillation, in one place.
+out of two"), and the per-family tables of model classes and weight names (the family names: families.py).
 
 Copied into a student: the embeddings, the chosen layers (in the order given), and the LM head's output
 projection and bias. The head's transform (dense + LayerNorm before the projection) is copied only with
@@ -23,6 +23,7 @@ from transformers import (
 )
 
 from common.errors import UserError
+from common.models.families import STUDENTS_OF, TEACHER_TYPES
 from common.pretrained import check_model_folder
 from common.io import save_folder_atomic, write_json_atomic
 
@@ -33,14 +34,6 @@ MODEL_CLASSES = {
     "roberta": (RobertaConfig, RobertaForMaskedLM),
     "gpt2": (GPT2Config, GPT2LMHeadModel),
 }
-STUDENT_TYPES = ("distilbert", "bert", "roberta", "gpt2")
-TEACHER_TYPES = ("bert", "roberta", "gpt2")
-CAUSAL_TYPES = ("gpt2",)
-# A student learns from a teacher of its family (same tokenizer and objective): DistilBERT shares BERT's
-# vocabulary and layer maths.
-FAMILY = {"distilbert": "bert", "bert": "bert", "roberta": "roberta", "gpt2": "gpt2"}
-# Students each teacher family can seed from its layers, the default first.
-STUDENTS_OF = {t: tuple(s for s in STUDENT_TYPES if FAMILY[s] == t) for t in TEACHER_TYPES}
 POSITION_EMBEDDINGS = {"distilbert": "distilbert.embeddings.position_embeddings.weight",
                        "bert": "bert.embeddings.position_embeddings.weight",
                        "roberta": "roberta.embeddings.position_embeddings.weight", "gpt2": "transformer.wpe.weight"}
