@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import json
 import os
+import warnings
 from typing import Any, Mapping
 
 import torch
@@ -61,7 +62,9 @@ def _zero(weight: torch.Tensor, axis: int, size: int) -> torch.Tensor:
 
 
 def _linear(weight: torch.Tensor, bias: torch.Tensor | None) -> nn.Linear:
-    linear = nn.Linear(weight.shape[1], weight.shape[0], bias=bias is not None, device="meta")
+    with warnings.catch_warnings():  # "initializing zero-element tensors is a no-op": a unit-less layer's matrix
+        warnings.simplefilter("ignore", UserWarning)
+        linear = nn.Linear(weight.shape[1], weight.shape[0], bias=bias is not None, device="meta")
     linear.weight = nn.Parameter(weight.detach().clone().contiguous())
     if bias is not None:
         linear.bias = nn.Parameter(bias.detach().clone())
