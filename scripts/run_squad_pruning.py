@@ -5,7 +5,9 @@ Every nn.Linear of the encoder's layers becomes a masked layer whose mask follow
 during fine-tuning (--pruning_method topK: movement pruning; sigmoied_threshold: soft movement pruning;
 magnitude, threshold, l0), while the cubic schedule takes the threshold from --initial_threshold to
 --final_threshold. Optional distillation from a fine-tuned teacher (--teacher_name_or_path). --model_type bert
-(no "masked_" prefix) fine-tunes the dense model instead, as the original did.
+(no "masked_" prefix) fine-tunes the dense model instead, as the original did. --pruning_structure
+heads_neurons scores whole attention heads and FFN neurons instead of single weights (blocks: square blocks), so
+that scripts/bertarize.py --shrink can remove them: a smaller, faster model.
 
     python scripts/run_squad_pruning.py --do_train --do_eval           # built-in demo, no download
     python scripts/run_squad_pruning.py --model_type masked_bert --model_name_or_path bert-base-uncased \\
@@ -631,6 +633,11 @@ tokenizer = AutoTokenizer.from_pretrained("{run.output_dir}")"""
                  "writes a plain stock checkpoint without the extra tensors (and `--compact_path` a sparse copy).",
                  f"`python scripts/count_parameters.py --serialization_dir {run.output_dir}` counts the weights left "
                  "per matrix and layer."]
+        if pruning.get("structure", "weights") != "weights":
+            method["pruning structure"] = pruning["structure"]
+            notes.append(f"`python scripts/bertarize.py --model_name_or_path {run.output_dir} --target_model_path "
+                         "<dir> --shrink` removes the emptied heads and neurons (a smaller, faster model; load it with "
+                         "`common.models.shrink.load_shrunk_model(<dir>)`).")
     else:
         method = {"method": "dense fine-tuning (no pruning)", "base model": run.model_path, "data": f"SQuAD {version}"}
         summary = f"A question-answering model fine-tuned densely from `{run.model_path}` on SQuAD {version}."

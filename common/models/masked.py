@@ -13,6 +13,12 @@
   the task head stay dense, as in the original.
 * `threshold_schedule` is the paper's cubic schedule; `global_score_cut` gives global top-k;
   `regularization_term` the L1 / L0 penalty on the scores.
+* Structured pruning (`mask_model(..., structure=...)`): "blocks" gives each matrix one score per square block;
+  "heads_neurons" one score per attention head, held by the query matrix and shared by the key, value and
+  attention output matrices, and one per FFN neuron, held by the intermediate matrix and shared by the output
+  matrix (common.models.structured). The same binarizers decide the scores' mask, which is expanded to the
+  weights; the straight-through gradients of all the matrices a score decides add up in it. Global top-k weighs
+  each score by the weights it decides. common.models.shrink then removes the emptied heads and neurons.
 * `save_masked_model` writes a folder that does not lie to stock code: under the stock keys it holds the pruned
   weights (the masks multiplied in), so `AutoModelForQuestionAnswering.from_pretrained` gives exactly the masked
   model's evaluation outputs; the unpruned weights (`<module>.unpruned_weight`) and the scores
@@ -227,8 +233,10 @@ class MaskedLinear(nn.Linear):
         cached until the threshold, the scores or the weights change."""
         if torch.is_grad_enabled() or (self.training and self.pruning_method == "l0"):
             self._mask_cache = None
-            self._live_mask = self._compute_mask()
-            return self._live_mask
+            mask = self._compute_mask()
+            if self.unit_axis is not None:  # unit scores: the modules sharing them reuse this forward's mask
+                self._live_mask = mask
+            return mask
         scores = self.mask_scores
         key = (self.threshold, self.score_cut, self.training, self.weight._version, self.weight.data_ptr(),
                None if scores is None else (scores._version, scores.data_ptr()))
