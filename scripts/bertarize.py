@@ -122,8 +122,9 @@ def shrink(model: Any, reference: list[torch.Tensor], batch: dict[str, torch.Ten
     for i, layer in enumerate(kept):
         print(f"layer {i}: {layer['heads']}/{layer['heads_total']} heads, {layer['neurons']}/{layer['neurons_total']} "
               "neurons")
-    print(f"Shrunk: largest output difference to the pruned model {diff:.2e}; stock from_pretrained "
-          f"{'loads it too' if layout['stock_loadable'] else 'cannot load it (uneven widths): use load_shrunk_model'}")
+    stock = ("loads it too" if layout["stock_loadable"] else
+             "cannot load it (heads removed, or FFN widths that differ by layer): use load_shrunk_model")
+    print(f"Shrunk: largest output difference to the pruned model {diff:.2e}; stock from_pretrained {stock}")
     return {"layout": layout, "kept": kept, "max_output_difference": diff}
 
 
