@@ -353,12 +353,14 @@ def plot_training_curves(
 def plot_remaining_weights(
     fractions: Mapping[int, Mapping[str, float]],
     title: str | None = None,
+    units: Mapping[int, str] | None = None,
 ) -> Figure:
     """Movement pruning: the fraction of weights kept in each encoder layer (rows) and matrix (columns), as
     an annotated heat map, and each layer's overall fraction as bars.
 
     `fractions[layer][matrix]` is in [0, 1]; the bars weigh every matrix equally unless `fractions[layer]`
-    has an `"_layer"` entry, which is used instead (the exact fraction of the layer's weights)."""
+    has an `"_layer"` entry, which is used instead (the exact fraction of the layer's weights). `units[layer]`
+    (structured pruning: e.g. "5/12 heads, 800/1536 neurons") is written on that layer's bar."""
     if not fractions:
         raise ValueError("plot_remaining_weights needs at least one layer")
     layers = sorted(fractions)
@@ -381,6 +383,9 @@ def plot_remaining_weights(
     ax_map.set_title("Remaining weights per matrix (%)")
     fig.colorbar(image, ax=ax_map, fraction=0.04)
     ax_bar.barh(range(len(layers)), [100 * v for v in per_layer], color="tab:blue")
+    for i, layer in enumerate(layers):
+        if units and layer in units:
+            ax_bar.text(2, i, units[layer], va="center", fontsize=7, color="black")
     ax_bar.set_yticks(range(len(layers)))
     ax_bar.set_yticklabels([str(layer) for layer in layers])
     ax_bar.invert_yaxis()  # same order as the heat map (layer 0 on top)

@@ -16,6 +16,14 @@ code (config model_type "masked_bert", pytorch_model.bin) need --threshold, as t
 pointers; lossless) in <compact_path>/model.sparse.safetensors with the config and tokenizer, and reports the
 size on disk against the dense checkpoint. Giving such a compact folder as --model_name_or_path expands it back
 into a standard checkpoint.
+
+--shrink also removes the attention heads and FFN neurons that pruning emptied (structured pruning,
+--pruning_structure heads_neurons, empties whole ones; see common/models/shrink.py): the target folder holds a
+physically smaller model, with its per-layer widths in shrink_layout.json, that loads with
+`common.models.shrink.load_shrunk_model(folder)`. Its outputs are checked against the masked model's on a random
+batch (largest difference reported; above 1e-4 is an error). A stock (bertarized) folder can be shrunk too.
+
+    python scripts/bertarize.py --model_name_or_path runs/squad-heads --target_model_path runs/squad-shrunk --shrink
 """
 
 from __future__ import annotations
@@ -31,7 +39,10 @@ from common.args import answering_help, script_parser
 from common.errors import UserError, run_cli
 
 if not answering_help(__name__):  # -h/--help answers at once: argparse needs none of what follows
+    import torch
+
     from common.models import masked
+    from common.models import shrink as shrink_lib
     from common.io import save_folder_atomic, write_json_atomic
 
 logger = logging.getLogger("bertarize")
@@ -53,6 +64,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
                              "sigmoied_threshold/threshold: score threshold; unused by l0).")
     parser.add_argument("--compact_path", default=None,
                         help="Also write a compact (CSR, lossless) copy of the pruned model into this folder.")
+    parser.add_argument("--shrink", action="store_true",
+                        help="Remove the emptied heads and neurons: a smaller model (+ shrink_layout.json).")
     parser.add_argument("--overwrite_output_dir", action="store_true",
                         help="Write into a target folder that already holds files.")
     return parser.parse_args(argv)
@@ -83,6 +96,40 @@ def check_threshold(method: str, threshold: float | None) -> None:
         raise UserError(problem)
 
 
+def reference_batch(model: Any, seed: int = 0) -> dict[str, torch.Tensor]:
+    """Random token ids (two rows, the second one padded) to compare a model before and after shrinking."""
+    config = model.config
+    generator = torch.Generator().manual_seed(seed)
+    length = min(16, getattr(config, "max_position_embeddings", 16) - 2)
+    ids = torch.randint(5, config.vocab_size, (2, length), generator=generator)
+    mask = torch.ones_like(ids)
+    mask[1, length // 2:] = 0
+    return {"input_ids": ids, "attention_mask": mask}
+
+
+def model_outputs(model: Any, batch: dict[str, torch.Tensor]) -> list[torch.Tensor]:
+    model.eval()
+    with torch.no_grad():
+        out = model(**batch)
+    return [v for v in out.values() if isinstance(v, torch.Tensor)]
+
+
+def shrink(model: Any, reference: list[torch.Tensor], batch: dict[str, torch.Tensor]) -> dict[str, Any]:
+    """Remove the emptied heads and neurons (in place) and check the outputs did not move."""
+    layout = shrink_lib.shrink_model(model)
+    diff = max(float((a - b).abs().max()) for a, b in zip(reference, model_outputs(model, batch)))
+    if diff > 1e-4:
+        raise UserError(f"the shrunk model's outputs differ from the pruned model's by {diff:.3g}; not saved")
+    kept = shrink_lib.layout_summary(layout)
+    for i, layer in enumerate(kept):
+        print(f"layer {i}: {layer['heads']}/{layer['heads_total']} heads, {layer['neurons']}/{layer['neurons_total']} "
+              "neurons")
+    stock = ("loads it too" if layout["stock_loadable"] else
+             "cannot load it (heads removed, or FFN widths that differ by layer): use load_shrunk_model")
+    print(f"Shrunk: largest output difference to the pruned model {diff:.2e}; stock from_pretrained {stock}")
+    return {"layout": layout, "kept": kept, "max_output_difference": diff}
+
+
 def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     args = parse_args(argv)
     logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S",
@@ -99,6 +146,9 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     check_target(target, args.overwrite_output_dir, "--target_model_path")
     if args.compact_path:
         check_target(args.compact_path, args.overwrite_output_dir, "--compact_path")
+        if args.shrink:
+            raise UserError("--compact_path stores the zeros of an unshrunk model sparsely; with --shrink the "
+                            "emptied heads and neurons are removed instead: give one of the two")
     config_dict = masked.read_config_json(source)
     report: dict[str, Any] = {"source": source, "target": target}
 
@@ -110,6 +160,11 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         state = masked.load_compact_state_dict(os.path.join(source, masked.COMPACT_FILE))
         masked.load_state_into(model, state, source)
         report["expanded_from_compact"] = True
+    elif args.shrink and not masked.is_masked_folder(source):
+        if shrink_lib.is_shrunk_folder(source):
+            raise UserError(f"{source} is already shrunk")
+        model = masked.build_model(masked.stock_config(config_dict))
+        masked.load_state_into(model, masked.read_state_dict(source), source)
     else:
         state = masked.masked_state_of(config_dict)
         if state is None:
@@ -125,18 +180,31 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         sparse_names = [f"{name}.weight" for name in masked.masked_modules(model)]
         report.update(pruning=masked.pruning_state(model).to_json(), remaining=summary["encoder"],
                       remaining_layers=summary["layers"])
+        if args.shrink:
+            batch = reference_batch(model)
+            reference = model_outputs(model, batch)
         masked.fold_masks(model)
         print(f"Pruning method {state.method}, threshold {report['pruning']['threshold']:g}: "
               f"{100 * summary['encoder']['fraction']:.2f}% of the encoder's weights remain "
               f"({summary['encoder']['kept']:,} of {summary['encoder']['total']:,})")
 
+    if args.shrink:
+        if "pruning" not in report:
+            batch = reference_batch(model)
+            reference = model_outputs(model, batch)
+        report["shrink"] = shrink(model, reference, batch)
+
     def save(folder: str) -> None:
-        model.save_pretrained(folder)
+        if args.shrink:
+            shrink_lib.save_shrunk_model(model, report["shrink"]["layout"], folder)
+        else:
+            model.save_pretrained(folder)
         copy_tokenizer(source, folder)
 
     save_folder_atomic(save, target)
     report["dense_bytes"] = masked.weights_bytes(target)
-    print(f"Saved a standard checkpoint to {target} ({report['dense_bytes'] / 1e6:.2f} MB of weights)")
+    print(f"Saved a {'shrunk' if args.shrink else 'standard'} checkpoint to {target} "
+          f"({report['dense_bytes'] / 1e6:.2f} MB of weights)")
 
     if args.compact_path and not report.get("expanded_from_compact"):
         compact = args.compact_path

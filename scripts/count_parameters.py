@@ -11,6 +11,10 @@ For a masked folder the masks are rebuilt from the recorded method and threshold
 threshold; the original's masked_bert folders need it). Two totals are printed: the prunable matrices alone,
 and the whole encoder with its biases and LayerNorm weights counted as remaining (the original's "global"
 figure).
+
+Structured runs (--pruning_structure heads_neurons or blocks) and shrunk folders (bertarize.py --shrink) also
+get the attention heads and FFN neurons kept per layer; a shrunk folder's remaining weights are counted against
+the dense model of its config.
 """
 
 from __future__ import annotations
@@ -26,7 +30,7 @@ from common.errors import UserError, run_cli
 if not answering_help(__name__):  # -h/--help answers at once: argparse needs none of what follows
     import torch
 
-    from common.models import masked
+    from common.models import masked, shrink
     from common.io import write_json_atomic
 
 
@@ -57,7 +61,29 @@ def count_masked(folder: str, args: argparse.Namespace) -> tuple[dict[str, tuple
     matrices = {f"{n}.weight" for n in counts}
     others = sum(p.numel() for n, p in model.named_parameters()
                  if n.startswith(prefix + ".") and n not in matrices and not n.endswith("mask_scores"))
-    return counts, others, prefix, masked.pruning_state(model).to_json()
+    state = masked.pruning_state(model)
+    units = shrink.kept_units(model) if state.structure != "weights" else None
+    return counts, others, prefix, state.to_json(), units
+
+
+def count_shrunk(folder: str) -> tuple[dict[str, tuple[int, int]], int, str, list[dict[str, int]]]:
+    """(non-zero, dense total) of each encoder matrix of a shrunk folder, and the heads and neurons it keeps."""
+    model = shrink.load_shrunk_model(folder)
+    with torch.device("meta"):  # the dense model's shapes
+        full = masked.build_model(model.config)
+    prefix = masked.encoder_layers_prefix(model)
+    full_modules = dict(full.named_modules())
+    counts, others = {}, 0
+    for name, module in model.named_modules():
+        if name.startswith(prefix + ".") and isinstance(module, torch.nn.Linear):
+            counts[name] = (int((module.weight != 0).sum()), full_modules[name].weight.numel())
+    for name, full_module in full_modules.items():  # the matrices of removed self-attentions
+        if name.startswith(prefix + ".") and isinstance(full_module, torch.nn.Linear) and name not in counts:
+            counts[name] = (0, full_module.weight.numel())
+    counts = dict(sorted(counts.items(), key=lambda item: list(full_modules).index(item[0])))
+    matrices = {f"{n}.weight" for n in counts}
+    others = sum(p.numel() for n, p in model.named_parameters() if n.startswith(prefix + ".") and n not in matrices)
+    return counts, others, prefix, shrink.layout_summary(shrink.read_layout(folder))
 
 
 def count_dense(folder: str) -> tuple[dict[str, tuple[int, int]], int, str]:
@@ -92,8 +118,12 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     folder = args.serialization_dir
     if not os.path.isdir(folder):
         raise UserError(f"--serialization_dir {folder} is not a folder; give a fine-pruned or bertarized model")
+    units = None
     if masked.is_masked_folder(folder):
-        counts, others, prefix, pruning = count_masked(folder, args)
+        counts, others, prefix, pruning, units = count_masked(folder, args)
+    elif shrink.is_shrunk_folder(folder):
+        counts, others, prefix, units = count_shrunk(folder)
+        pruning = None
     else:
         if args.threshold is not None or args.pruning_method is not None:
             raise UserError(f"{folder} holds a standard (bertarized) checkpoint: it has no masks, so "
@@ -102,7 +132,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         pruning = None
     summary = masked.summarize_remaining(counts, prefix)
     kept, total = summary["encoder"]["kept"], summary["encoder"]["total"]
-    result = {"folder": folder, "pruning": pruning, **summary,
+    result = {"folder": folder, "pruning": pruning, **summary, "units": units,
               "encoder_all_parameters": {"kept": kept + others, "total": total + others,
                                          "fraction": (kept + others) / (total + others)}}
     width = max(len(n) for n in counts) + 2
@@ -113,6 +143,11 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     for layer, info in summary["layers"].items():
         print(f"layer {layer}".ljust(width), f"{100 * info['fraction']:12.3f}", f"{info['kept']:12,d}",
               f"{info['total']:12,d}")
+    if units:
+        print()
+        for i, u in enumerate(units):
+            print(f"layer {i}".ljust(width), f"{u['heads']:4d} of {u['heads_total']} heads, "
+                  f"{u['neurons']:6d} of {u['neurons_total']} neurons")
     print()
     print(f"Remaining weights of the encoder's matrices: {100 * summary['encoder']['fraction']:.3f}% "
           f"({kept:,} of {total:,})")

@@ -5,7 +5,9 @@ Every nn.Linear of the encoder's layers becomes a masked layer whose mask follow
 during fine-tuning (--pruning_method topK: movement pruning; sigmoied_threshold: soft movement pruning;
 magnitude, threshold, l0), while the cubic schedule takes the threshold from --initial_threshold to
 --final_threshold. Optional distillation from a fine-tuned teacher (--teacher_name_or_path). --model_type bert
-(no "masked_" prefix) fine-tunes the dense model instead, as the original did.
+(no "masked_" prefix) fine-tunes the dense model instead, as the original did. --pruning_structure
+heads_neurons scores whole attention heads and FFN neurons instead of single weights (blocks: square blocks), so
+that scripts/bertarize.py --shrink can remove them: a smaller, faster model.
 
     python scripts/run_squad_pruning.py --do_train --do_eval           # built-in demo, no download
     python scripts/run_squad_pruning.py --model_type masked_bert --model_name_or_path bert-base-uncased \\
@@ -39,6 +41,7 @@ from common.args import (
     check_run_args, parse_with_builtin_defaults, raise_if_problems, script_parser,
 )
 from common.errors import UserError, run_cli
+from common.models.structured import STRUCTURES
 
 if not answering_help(__name__):  # -h/--help answers at once: argparse needs none of what follows
     import torch
@@ -58,7 +61,7 @@ if not answering_help(__name__):  # -h/--help answers at once: argparse needs no
     from common.results import flat_metrics, train_metrics, write_run_results
     from common.loaders import load_tokenizer as load_fast_tokenizer
     from common.loaders import model_saver
-    from common.models import masked
+    from common.models import masked, shrink
     from common.pretrained import check_model_folder
     from common.training import Stage, TrainConfig, param_groups, plan_for_examples, predict, train
 
@@ -69,7 +72,7 @@ LABELS = ("start_positions", "end_positions")
 PAD_LOGIT = -1e4  # logits of padding positions: never among the n best
 PRUNING_FLAGS = ("pruning_method", "mask_init", "mask_scale", "mask_scores_learning_rate", "initial_threshold",
                  "final_threshold", "initial_warmup", "final_warmup", "final_lambda",
-                 "global_topk_frequency_compute")
+                 "global_topk_frequency_compute", "pruning_structure", "block_size")
 
 # The built-in demo trains a small BERT from scratch on generated questions; these replace the defaults only
 # for flags the user did not give.
@@ -112,6 +115,11 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--pruning_method", default="topK",
                    help="topK (movement pruning), sigmoied_threshold (soft movement pruning), magnitude, "
                         "threshold, l0 (L0 regularization).")
+    g.add_argument("--pruning_structure", default="weights", choices=STRUCTURES,
+                   help="What one score decides: weights (each weight, movement pruning as published), "
+                        "heads_neurons (each attention head and FFN neuron: whole ones are emptied, and "
+                        "bertarize.py --shrink removes them for a faster model), blocks (square blocks).")
+    g.add_argument("--block_size", default=32, type=int, help="Side of the blocks of --pruning_structure blocks.")
     g.add_argument("--mask_init", default="constant", help="Initialization of the mask scores: constant, "
                    "uniform, kaiming.")
     g.add_argument("--mask_scale", default=0.0, type=float,
@@ -178,7 +186,8 @@ def resolve_run(args: argparse.Namespace, ctx: DistContext) -> Run:
     if is_masked_run and args.do_train:
         problems += masked.check_pruning_flags(args.pruning_method, args.initial_threshold, args.final_threshold,
                                                regularization, args.final_lambda, args.global_topk, args.mask_init,
-                                               args.initial_warmup, args.final_warmup)
+                                               args.initial_warmup, args.final_warmup, args.pruning_structure,
+                                               args.block_size)
         if args.mask_scores_learning_rate <= 0 and args.pruning_method in masked.SCORE_METHODS:
             problems.append("--mask_scores_learning_rate must be positive")
         if args.global_topk_frequency_compute < 1:
@@ -271,7 +280,8 @@ def load_tokenizer(path: str, args: argparse.Namespace) -> Any:
 
 def load_model(path: str, args: argparse.Namespace, expected_type: str | None, flag: str = "--model_type") -> Any:
     """A question-answering model from a folder: a masked one (this project's or the original's masked_bert)
-    rebuilt with its masks, otherwise the stock AutoModelForQuestionAnswering (a fresh QA head if it had none).
+    rebuilt with its masks, a shrunk one (bertarize.py --shrink) with its per-layer widths, otherwise the stock
+    AutoModelForQuestionAnswering (a fresh QA head if it had none).
     """
     check_model_folder(path)
     if os.path.isdir(path) and masked.is_masked_folder(path):
@@ -281,6 +291,9 @@ def load_model(path: str, args: argparse.Namespace, expected_type: str | None, f
         # The original's masked_bert folders record no threshold: its evaluation used --final_threshold.
         unrecorded = state.threshold is None and state.method != "l0"
         model = masked.load_masked_model(path, threshold=args.final_threshold if unrecorded else None)
+    elif os.path.isdir(path) and shrink.is_shrunk_folder(path):  # bertarize.py --shrink: per-layer widths
+        model = shrink.load_shrunk_model(path)
+        family = model.config.model_type
     else:
         try:
             model = AutoModelForQuestionAnswering.from_pretrained(path, cache_dir=args.cache_dir or None)
@@ -309,14 +322,20 @@ def load_student(path: str, args: argparse.Namespace, run: Run) -> Any:
         if not run.masked:
             raise UserError(f"{path} holds a masked model; continue pruning it with --model_type "
                             f"masked_{run.model_type}, or bertarize it first to fine-tune it densely")
-        method = masked.pruning_state(model).method
-        if method != args.pruning_method:
-            raise UserError(f"{path} was pruned with --pruning_method {method}; pass --pruning_method {method} "
-                            "to continue it")
+        state = masked.pruning_state(model)
+        if state.method != args.pruning_method:
+            raise UserError(f"{path} was pruned with --pruning_method {state.method}; pass --pruning_method "
+                            f"{state.method} to continue it")
+        if state.structure != args.pruning_structure or (state.structure == "blocks"
+                                                         and state.block_size != args.block_size):
+            raise UserError(f"{path} was pruned with --pruning_structure {state.structure}"
+                            + (f" --block_size {state.block_size}" if state.structure == "blocks" else "")
+                            + "; pass the same to continue it")
     elif run.masked:
-        names = masked.mask_model(model, args.pruning_method, args.mask_init, args.mask_scale)
-        logger.info("Masked %d linear layers of the encoder (%s, %s init)", len(names), args.pruning_method,
-                    args.mask_init)
+        names = masked.mask_model(model, args.pruning_method, args.mask_init, args.mask_scale,
+                                  args.pruning_structure, args.block_size)
+        logger.info("Masked %d linear layers of the encoder (%s, %s init, %s)", len(names), args.pruning_method,
+                    args.mask_init, args.pruning_structure)
     return model.train()
 
 
@@ -485,6 +504,13 @@ def write_pruning_plots(run: Run, model: Any, total_steps: int, measured: dict[i
     """remaining_weights.json/.png (per layer and matrix) and threshold_schedule.png (rank 0)."""
     summary = encoder_remaining(model)
     prefix = masked.encoder_layers_prefix(model)
+    state = masked.pruning_state(model)
+    method = state.method
+    units = None
+    if state.structure != "weights":  # heads and neurons kept per layer
+        summary["units"] = shrink.kept_units(model)
+        units = {i: f"{u['heads']}/{u['heads_total']} heads, {u['neurons']}/{u['neurons_total']} neurons"
+                 for i, u in enumerate(summary["units"])}
     write_json_atomic(os.path.join(run.output_dir, "remaining_weights.json"), summary)
     grid: dict[int, dict[str, float]] = {}
     for name, info in summary["matrices"].items():
@@ -492,9 +518,10 @@ def write_pruning_plots(run: Run, model: Any, total_steps: int, measured: dict[i
         grid.setdefault(-1 if layer is None else layer, {})[masked.matrix_label(name, prefix)] = info["fraction"]
     for layer, info in summary["layers"].items():
         grid.setdefault(int(layer), {})["_layer"] = info["fraction"]
-    method = masked.pruning_state(model).method
-    fig = visualize.plot_remaining_weights(grid, title=f"Remaining weights ({method}): "
-                                           f"{100 * summary['encoder']['fraction']:.1f}% of the encoder's matrices")
+    how = method if units is None else f"{method}, {state.structure}"
+    fig = visualize.plot_remaining_weights(grid, title=f"Remaining weights ({how}): "
+                                           f"{100 * summary['encoder']['fraction']:.1f}% of the encoder's matrices",
+                                           units=units)
     visualize.save(fig, os.path.join(run.output_dir, "remaining_weights.png"))
     steps = list(range(1, max(total_steps, 1) + 1))
     values = [run.schedule(s, max(total_steps, 1)) for s in steps]
@@ -609,6 +636,11 @@ tokenizer = AutoTokenizer.from_pretrained("{run.output_dir}")"""
                  "writes a plain stock checkpoint without the extra tensors (and `--compact_path` a sparse copy).",
                  f"`python scripts/count_parameters.py --serialization_dir {run.output_dir}` counts the weights left "
                  "per matrix and layer."]
+        if pruning.get("structure", "weights") != "weights":
+            method["pruning structure"] = pruning["structure"]
+            notes.append(f"`python scripts/bertarize.py --model_name_or_path {run.output_dir} --target_model_path "
+                         "<dir> --shrink` removes the emptied heads and neurons (a smaller, faster model; load it with "
+                         "`common.models.shrink.load_shrunk_model(<dir>)`).")
     else:
         method = {"method": "dense fine-tuning (no pruning)", "base model": run.model_path, "data": f"SQuAD {version}"}
         summary = f"A question-answering model fine-tuned densely from `{run.model_path}` on SQuAD {version}."

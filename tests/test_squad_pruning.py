@@ -277,6 +277,42 @@ def test_resume_gives_the_same_model(squad_bert_dir, squad_v1_dir, tmp_path):
     assert read_json(full / "config.json")["pruning"] == read_json(resumed / "config.json")["pruning"]
 
 
+def test_structured_resume_shrink_and_counts(squad_bert_dir, squad_v1_dir, tmp_path):
+    """Heads and neurons pruned with global top-k: resume is exact; bertarize --shrink gives a smaller model that
+    answers exactly as the masked one; count_parameters reports the heads and neurons kept per layer."""
+    flags = ["--do_train", "--max_steps", "6", "--save_steps", "3", "--global_topk", "--global_topk_frequency_compute",
+             "2", "--final_threshold", "0.5", "--pruning_structure", "heads_neurons", "--mask_init", "uniform",
+             "--mask_scale", "0.1"]
+    full, resumed = tmp_path / "full", tmp_path / "resumed"
+    script.main(squad_args(squad_bert_dir, squad_v1_dir, full, *flags, "--do_eval"))
+    script.main(squad_args(squad_bert_dir, squad_v1_dir, resumed, *flags, "--resume_from_checkpoint",
+                           str(full / "checkpoint-000003")))
+    reference, state = load_file(full / "model.safetensors"), load_file(resumed / "model.safetensors")
+    assert reference["bert.encoder.layer.0.attention.self.query.mask_scores"].shape == (2,)  # one per head
+    assert reference.keys() == state.keys()
+    assert not [k for k in reference if not torch.equal(reference[k], state[k])]
+    assert read_json(full / "config.json")["pruning"]["structure"] == "heads_neurons"
+    remaining = read_json(full / "remaining_weights.json")
+    assert [u["heads_total"] for u in remaining["units"]] == [2, 2]
+    assert (full / "remaining_weights.png").is_file()
+
+    shrunk = tmp_path / "shrunk"
+    report = bertarize.main(["--model_name_or_path", str(full), "--target_model_path", str(shrunk), "--shrink"])
+    assert report["shrink"]["max_output_difference"] <= 1e-5
+    stock_keys = [k for k in reference if not k.endswith(("mask_scores", "unpruned_weight"))]
+    assert sum(t.numel() for t in load_file(shrunk / "model.safetensors").values()) < sum(
+        reference[k].numel() for k in stock_keys)
+    counted = count_parameters.main(["--serialization_dir", str(shrunk)])
+    assert counted["units"] == report["shrink"]["kept"] == count_parameters.main(
+        ["--serialization_dir", str(full)])["units"] == remaining["units"]
+    assert counted["encoder"]["fraction"] == remaining["encoder"]["fraction"]
+    again = script.main(eval_args(str(shrunk), squad_v1_dir, tmp_path / "eval", "--per_gpu_eval_batch_size", "16"))
+    assert again["eval"]["metrics"] == read_json(full / "eval_results.json")["eval"]["metrics"]
+    with pytest.raises(UserError, match="pruned with --pruning_structure heads_neurons; pass the same"):
+        script.main(squad_args(squad_bert_dir, squad_v1_dir, tmp_path / "other", *flags[:-6],
+                               "--resume_from_checkpoint", str(full / "checkpoint-000003")))
+
+
 def test_torchrun_two_processes_match_one(squad_bert_dir, squad_v1_dir, tmp_path):
     """Gloo, 2 processes: masked training under DDP, then its evaluation equals a single-process one."""
     out = tmp_path / "ddp"

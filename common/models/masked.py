@@ -13,6 +13,12 @@
   the task head stay dense, as in the original.
 * `threshold_schedule` is the paper's cubic schedule; `global_score_cut` gives global top-k;
   `regularization_term` the L1 / L0 penalty on the scores.
+* Structured pruning (`mask_model(..., structure=...)`): "blocks" gives each matrix one score per square block;
+  "heads_neurons" one score per attention head, held by the query matrix and shared by the key, value and
+  attention output matrices, and one per FFN neuron, held by the intermediate matrix and shared by the output
+  matrix (common.models.structured). The same binarizers decide the scores' mask, which is expanded to the
+  weights; the straight-through gradients of all the matrices a score decides add up in it. Global top-k weighs
+  each score by the weights it decides. common.models.shrink then removes the emptied heads and neurons.
 * `save_masked_model` writes a folder that does not lie to stock code: under the stock keys it holds the pruned
   weights (the masks multiplied in), so `AutoModelForQuestionAnswering.from_pretrained` gives exactly the masked
   model's evaluation outputs; the unpruned weights (`<module>.unpruned_weight`) and the scores
@@ -43,6 +49,7 @@ from torch import autograd, nn
 
 from common.errors import UserError
 from common.io import save_tensors_atomic
+from common.models.structured import STRUCTURES, UNIT_PARTS, layer_parts, unit_size
 from common.pretrained import WEIGHT_FILES, find_encoder_layers
 
 PRUNING_METHODS = ("topK", "threshold", "sigmoied_threshold", "magnitude", "l0")
@@ -146,6 +153,15 @@ class MaskedLinear(nn.Linear):
         self.threshold = default_threshold(pruning_method)
         self.score_cut: float | None = None  # set by global top-k: one cut on scores (or |W|) for all modules
         self._mask_cache: tuple[tuple, torch.Tensor] | None = None
+        # Structured pruning (set by `structure_scores` / `share_scores`): the scores' mask is expanded to the
+        # weight's shape, over square blocks or over units (heads, neurons) of `unit_size` rows (axis 0) or
+        # columns (axis 1); the units' scores may live in another module (the owner).
+        self.structure = "weights"
+        self.block_size: int | None = None
+        self.unit_axis: int | None = None
+        self.unit_size = 1
+        self._owner: list[MaskedLinear] = []  # a list, so the owner is not registered as a submodule
+        self._live_mask: torch.Tensor | None = None
         if pruning_method in SCORE_METHODS:
             self.mask_scores = nn.Parameter(torch.empty_like(self.weight))
             self.init_mask()
@@ -176,6 +192,26 @@ class MaskedLinear(nn.Linear):
             else:
                 nn.init.kaiming_uniform_(self.mask_scores, a=math.sqrt(5))
 
+    def structure_scores(self, structure: str, shape: tuple[int, ...], block_size: int | None = None,
+                         unit_axis: int | None = None, unit_size: int = 1) -> None:
+        """Own scores of `shape` (blocks: one per block_size x block_size block; units: one per unit)."""
+        if self.pruning_method not in SCORE_METHODS:
+            raise ValueError(f"structured pruning needs scores; {self.pruning_method} has none")
+        self.structure, self.block_size, self.unit_axis, self.unit_size = structure, block_size, unit_axis, unit_size
+        self.mask_scores = nn.Parameter(self.weight.new_empty(shape))
+        self.init_mask()
+
+    def share_scores(self, owner: "MaskedLinear", unit_axis: int, unit_size: int) -> None:
+        """Use `owner`'s unit scores (same units along `unit_axis` of this weight); no scores of its own."""
+        self.structure, self.unit_axis, self.unit_size = owner.structure, unit_axis, unit_size
+        self.mask_scores = None
+        self._owner = [owner]
+
+    @property
+    def score_owner(self) -> "MaskedLinear":
+        """The module whose scores decide this one's mask (itself, except for modules sharing unit scores)."""
+        return self._owner[0] if self._owner else self
+
     def _compute_mask(self) -> torch.Tensor:
         method = self.pruning_method
         if self.score_cut is not None:  # global top-k: one cut for the whole encoder
@@ -192,18 +228,44 @@ class MaskedLinear(nn.Linear):
                 return topk_mask(self.weight.abs(), int(self.threshold * self.weight.numel()))
         return l0_gates(self.mask_scores, self.training)
 
-    def mask(self) -> torch.Tensor:
-        """The current mask. Without autograd (evaluation) it is cached until the threshold, the scores or the
-        weights change."""
+    def score_mask(self) -> torch.Tensor:
+        """The mask of the scores (of the weights, for unstructured pruning). Without autograd (evaluation) it is
+        cached until the threshold, the scores or the weights change."""
         if torch.is_grad_enabled() or (self.training and self.pruning_method == "l0"):
             self._mask_cache = None
-            return self._compute_mask()
+            mask = self._compute_mask()
+            if self.unit_axis is not None:  # unit scores: the modules sharing them reuse this forward's mask
+                self._live_mask = mask
+            return mask
         scores = self.mask_scores
         key = (self.threshold, self.score_cut, self.training, self.weight._version, self.weight.data_ptr(),
                None if scores is None else (scores._version, scores.data_ptr()))
         if self._mask_cache is None or self._mask_cache[0] != key:
             self._mask_cache = (key, self._compute_mask())
         return self._mask_cache[1]
+
+    def mask(self) -> torch.Tensor:
+        """The current mask, in the weight's shape (or one broadcasting to it: a column for row units, a row for
+        column units)."""
+        if self.structure == "weights":
+            return self.score_mask()
+        owner = self.score_owner
+        if owner is not self and owner._live_mask is not None and (
+                torch.is_grad_enabled() or (self.training and self.pruning_method == "l0")):
+            # Training: the owner ran first in this forward pass (query before key, value and the attention
+            # output; intermediate before output): its mask (one l0 sample) is shared, and the straight-through
+            # gradients of all the unit's matrices add up in its scores.
+            unit_mask = owner._live_mask
+        else:
+            unit_mask = owner.score_mask()
+        return self._expand(unit_mask)
+
+    def _expand(self, unit_mask: torch.Tensor) -> torch.Tensor:
+        if self.block_size is not None:
+            b = self.block_size
+            return unit_mask.repeat_interleave(b, 0).repeat_interleave(b, 1)[: self.out_features, : self.in_features]
+        per_unit = unit_mask.repeat_interleave(self.unit_size) if self.unit_size > 1 else unit_mask
+        return per_unit[:, None] if self.unit_axis == 0 else per_unit[None, :]
 
     def forward(self, input: torch.Tensor) -> torch.Tensor:
         return F.linear(input, self.weight * self.mask(), self.bias)
@@ -225,7 +287,8 @@ class MaskedLinear(nn.Linear):
 
     def extra_repr(self) -> str:
         return (f"{super().extra_repr()}, pruning_method={self.pruning_method}, threshold={self.threshold:g}"
-                + (f", score_cut={self.score_cut:g}" if self.score_cut is not None else ""))
+                + (f", score_cut={self.score_cut:g}" if self.score_cut is not None else "")
+                + (f", structure={self.structure}" if self.structure != "weights" else ""))
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -242,16 +305,41 @@ def _replace(model: nn.Module, name: str, module: nn.Module) -> None:
     setattr(model.get_submodule(parent_name) if parent_name else model, child, module)
 
 
-def mask_model(model: nn.Module, pruning_method: str, mask_init: str = "constant",
-               mask_scale: float = 0.0) -> list[str]:
-    """Swap every nn.Linear inside the encoder layers for a MaskedLinear (in place); returns their names."""
-    prefix = encoder_layers_prefix(model) + "."
-    names = [n for n, m in model.named_modules() if n.startswith(prefix) and type(m) is nn.Linear]
+def mask_model(model: nn.Module, pruning_method: str, mask_init: str = "constant", mask_scale: float = 0.0,
+               structure: str = "weights", block_size: int = 32) -> list[str]:
+    """Swap every nn.Linear inside the encoder layers for a MaskedLinear (in place); returns their names.
+
+    `structure`: "weights" scores each weight; "blocks" each block_size x block_size block of a matrix;
+    "heads_neurons" each attention head (one score shared by its rows of the query, key and value matrices and
+    its columns of the attention output matrix) and each FFN neuron (its row of the intermediate matrix and
+    column of the output matrix), the parts listed in common.models.structured."""
+    if structure not in STRUCTURES:
+        raise ValueError(f"unknown structure {structure!r}; choose one of {', '.join(STRUCTURES)}")
+    prefix, layers = find_encoder_layers(model)
+    names = [n for n, m in model.named_modules() if n.startswith(prefix + ".") and type(m) is nn.Linear]
     if not names:
         raise UserError(f"{type(model).__name__} has no nn.Linear layers in its encoder to prune")
     for name in names:
         _replace(model, name, MaskedLinear.from_linear(model.get_submodule(name), pruning_method, mask_init,
                                                        mask_scale))
+    if structure == "blocks":
+        for name in names:
+            module = model.get_submodule(name)
+            module.structure_scores(structure, (-(-module.out_features // block_size),
+                                                -(-module.in_features // block_size)), block_size=block_size)
+    elif structure == "heads_neurons":
+        for i, layer in enumerate(layers):
+            for kind, parts in layer_parts(layer, f"{prefix}.{i}").items():
+                size = unit_size(model.config, kind)
+                (owner_name, axis), *others = UNIT_PARTS[kind]
+                owner = parts[owner_name]
+                owner.structure_scores(structure, (owner.weight.shape[axis] // size,), unit_axis=axis, unit_size=size)
+                for name, axis in others:
+                    parts[name].share_scores(owner, axis, size)
+        unstructured = [n for n, m in masked_modules(model).items() if m.structure == "weights"]
+        if unstructured:
+            raise UserError(f"heads_neurons pruning covers the attention and FFN matrices only; {unstructured[0]} "
+                            "is neither")
     return names
 
 
@@ -274,16 +362,41 @@ def set_threshold(model: nn.Module, threshold: float, score_cut: float | None = 
 
 def global_score_cut(model: nn.Module, keep_fraction: float) -> float:
     """Global top-k: the value above which `keep_fraction` of all the encoder's scores (|W| for magnitude)
-    lie; every module then keeps its entries above this one cut (the original's --global_topk)."""
+    lie; every module then keeps its entries above this one cut (the original's --global_topk). Structured
+    scores are weighed by the weights each one decides (a head of BERT-base: 4 x 64 x 768, a neuron 2 x 768),
+    so the cut keeps `keep_fraction` of the encoder's weights (to within one unit), not of its scores."""
     modules = list(masked_modules(model).values())
+    weights_per_owner: dict[int, int] = {}
+    for m in modules:
+        weights_per_owner[id(m.score_owner)] = weights_per_owner.get(id(m.score_owner), 0) + m.weight.numel()
+    owners = [m for m in modules if m.score_owner is m]
     with torch.no_grad():
-        values = torch.cat([(m.weight.abs() if m.pruning_method == "magnitude" else m.mask_scores).reshape(-1)
-                            for m in modules])
+        entries = [m.weight.abs() if m.pruning_method == "magnitude" else m.mask_scores for m in owners]
+        values = torch.cat([e.reshape(-1) for e in entries])
+    sizes = [weights_per_owner[id(m)] / e.numel() for m, e in zip(owners, entries)]
+    if any(size != 1 for size in sizes):
+        weights = torch.cat([torch.full((e.numel(),), size, dtype=torch.float64) for e, size in zip(entries, sizes)])
+        return _weighted_cut(values, weights, keep_fraction)
     n = values.numel()
     keep = int(keep_fraction * n)
     if keep >= n:
         return -math.inf
     return float(values.float().kthvalue(max(n - keep, 1)).values)
+
+
+def _weighted_cut(values: torch.Tensor, weights: torch.Tensor, keep_fraction: float) -> float:
+    """The cut (entries above it kept) whose kept weights come closest to `keep_fraction` of all weights."""
+    order = values.float().argsort()
+    sorted_values, dropped = values.float()[order], weights[order].cumsum(0)  # dropped[i]: weights <= entry i
+    total = float(dropped[-1])
+    target = total * (1 - keep_fraction)  # weights to drop
+    if target <= 0:
+        return -math.inf
+    i = int(torch.searchsorted(dropped, torch.tensor([target], dtype=dropped.dtype)))
+    i = min(i, len(dropped) - 1)
+    if i > 0 and abs(float(dropped[i - 1]) - target) < abs(float(dropped[i]) - target):
+        i -= 1
+    return float(sorted_values[i])
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -379,11 +492,22 @@ def threshold_problem(method: str, value: float, flag: str = "--threshold", glob
 
 def check_pruning_flags(pruning_method: str, initial_threshold: float, final_threshold: float,
                         regularization: str | None, final_lambda: float, global_topk: bool, mask_init: str,
-                        initial_warmup: int = 1, final_warmup: int = 2) -> list[str]:
+                        initial_warmup: int = 1, final_warmup: int = 2, structure: str = "weights",
+                        block_size: int = 32) -> list[str]:
     """Problems with the pruning flags, each naming the flag and what the method accepts."""
     if pruning_method not in PRUNING_METHODS:
         return [f"unknown --pruning_method {pruning_method!r}; choose one of {', '.join(PRUNING_METHODS)}"]
     problems = []
+    if structure not in STRUCTURES:
+        problems.append(f"unknown --pruning_structure {structure!r}; choose one of {', '.join(STRUCTURES)}")
+    elif structure != "weights" and pruning_method not in SCORE_METHODS:
+        problems.append(f"--pruning_structure {structure} learns scores; {pruning_method} has none (choose one of "
+                        f"{', '.join(SCORE_METHODS)})")
+    elif structure == "heads_neurons" and mask_init == "kaiming":
+        problems.append("--mask_init kaiming needs a matrix of scores; heads_neurons has one score per head or "
+                        "neuron (use constant or uniform)")
+    if structure == "blocks" and block_size < 1:
+        problems.append(f"--block_size must be at least 1 (got {block_size})")
     for flag, value in (("--initial_threshold", initial_threshold), ("--final_threshold", final_threshold)):
         problem = threshold_problem(pruning_method, value, flag, global_topk)
         if problem:
@@ -415,7 +539,8 @@ def check_pruning_flags(pruning_method: str, initial_threshold: float, final_thr
 
 def remaining_weights(model: nn.Module) -> dict[str, tuple[int, int]]:
     """(kept, total) weights of every masked matrix under its evaluation-mode mask (non-zero gate for l0)."""
-    return {name: (int((m.eval_mask() != 0).sum()), m.weight.numel()) for name, m in masked_modules(model).items()}
+    return {name: (int((m.eval_mask() != 0).expand_as(m.weight).sum()), m.weight.numel())
+            for name, m in masked_modules(model).items()}
 
 
 def layer_index(name: str, prefix: str) -> int | None:
@@ -459,11 +584,19 @@ class PruningState:
     mask_scale: float = 0.0
     threshold: float | None = None
     score_cut: float | None = None
+    structure: str = "weights"
+    block_size: int | None = None
 
     def to_json(self) -> dict[str, Any]:
-        """JSON-safe: infinite values (keep everything) are written as +-1e30."""
+        """JSON-safe: infinite values (keep everything) are written as +-1e30. Unstructured pruning writes no
+        structure keys (its config.json is what it was before structured pruning existed)."""
+        values = asdict(self)
+        if self.structure == "weights":
+            del values["structure"], values["block_size"]
+        elif self.block_size is None:
+            del values["block_size"]
         return {k: (math.copysign(1e30, v) if isinstance(v, float) and math.isinf(v) else v)
-                for k, v in asdict(self).items()}
+                for k, v in values.items()}
 
 
 def pruning_state(model: nn.Module) -> PruningState:
@@ -472,7 +605,7 @@ def pruning_state(model: nn.Module) -> PruningState:
         raise ValueError("the model has no masked layers")
     first = modules[0]
     return PruningState(first.pruning_method, first.mask_init, first.mask_scale, first.threshold,
-                        first.score_cut)
+                        first.score_cut, first.structure, first.block_size)
 
 
 def prepare_config_for_save(model: nn.Module) -> None:
@@ -529,7 +662,8 @@ def masked_state_of(config_dict: Mapping[str, Any]) -> PruningState | None:
     if isinstance(config_dict.get(PRUNING_KEY), dict):
         raw = config_dict[PRUNING_KEY]
         return PruningState(raw.get("method", "topK"), raw.get("mask_init", "constant"),
-                            float(raw.get("mask_scale", 0.0)), raw.get("threshold"), raw.get("score_cut"))
+                            float(raw.get("mask_scale", 0.0)), raw.get("threshold"), raw.get("score_cut"),
+                            raw.get("structure", "weights"), raw.get("block_size"))
     if config_dict.get("model_type") == "masked_bert":
         return PruningState(config_dict.get("pruning_method", "topK"), config_dict.get("mask_init", "constant"),
                             float(config_dict.get("mask_scale", 0.0)))
@@ -628,8 +762,11 @@ def load_masked_model(folder: str, auto_class: Any = None, threshold: float | No
                         "folder of run_squad_pruning.py")
     if state.method not in PRUNING_METHODS:
         raise UserError(f"{folder}: unknown pruning method {state.method!r} in config.json")
+    if state.structure not in STRUCTURES or (state.structure == "blocks" and not isinstance(state.block_size, int)):
+        raise UserError(f"{folder}: unknown pruning structure {state.structure!r} (block size {state.block_size}) "
+                        "in config.json")
     model = build_model(stock_config(config_dict), auto_class)
-    mask_model(model, state.method, state.mask_init, state.mask_scale)
+    mask_model(model, state.method, state.mask_init, state.mask_scale, state.structure, state.block_size or 32)
     load_state_into(model, unpruned_state(read_state_dict(folder)), folder)
     if threshold is not None:
         set_threshold(model, threshold)
