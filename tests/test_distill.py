@@ -67,11 +67,19 @@ def test_loss_terms_hand_computed():
     hidden_t = torch.tensor([[[1.0, 1.0], [0.0, 1.0]]])
     attention = torch.tensor([[1, 1]])
     labels = torch.tensor([[1, -100]])  # position 0 is masked, its original token is 1
+    # Identity output projections: the states entering them are the logits.
+    eye = torch.nn.Linear(2, 2)
+    with torch.no_grad():
+        eye.weight.copy_(torch.eye(2))
+        eye.bias.zero_()
+
+    def loss(hs, ht, labels, losses, causal=False):
+        return distill.distillation_loss(student, eye, teacher, eye, hs, ht, attention, labels, losses, causal)
+
     kl_row0 = 0.25 * math.log(0.5) + 0.75 * math.log(1.5)  # KL((1/4, 3/4) || (1/2, 1/2)); row 1 matches: 0
     losses = distill.Losses(alpha_ce=0.5, alpha_mlm=2.0, alpha_clm=0.0, alpha_mse=0.1, alpha_cos=1.0,
                             temperature=1.0, restrict_ce_to_mask=False)
-    total, terms = distill.distillation_loss(student, teacher, hidden_s, hidden_t, attention, labels, losses,
-                                             causal=False)
+    total, terms = loss(hidden_s, hidden_t, labels, losses)
     expected = {"loss_ce": kl_row0 / 2, "loss_mlm": math.log(2.0), "loss_mse": ln3 ** 2 / 2,
                 "loss_cos": (1 - 1 / math.sqrt(2)) / 2}
     assert {k: v.item() for k, v in terms.items()} == pytest.approx(expected, abs=1e-6)
@@ -80,19 +88,18 @@ def test_loss_terms_hand_computed():
     assert total.item() == pytest.approx(weighted, abs=1e-6)
     # Only on the masked position: the row that differs counts alone.
     restricted = distill.Losses(0.5, 0.0, 0.0, 0.1, 0.0, 1.0, restrict_ce_to_mask=True)
-    _, terms = distill.distillation_loss(student, teacher, None, None, attention, labels, restricted, False)
+    _, terms = loss(None, None, labels, restricted)
     assert terms["loss_ce"].item() == pytest.approx(kl_row0, abs=1e-6)
     assert terms["loss_mse"].item() == pytest.approx(ln3 ** 2, abs=1e-6)
     # Temperature 2: the softened teacher (1 / (1 + sqrt 3), sqrt 3 / (1 + sqrt 3)), KL scaled by T^2 = 4.
     p = 1 / (1 + math.sqrt(3))
     kl_t2 = p * math.log(2 * p) + (1 - p) * math.log(2 * (1 - p))
     hot = distill.Losses(1.0, 0.0, 0.0, 0.0, 0.0, 2.0, restrict_ce_to_mask=True)
-    _, terms = distill.distillation_loss(student, teacher, None, None, attention, labels, hot, False)
+    _, terms = loss(None, None, labels, hot)
     assert terms["loss_ce"].item() == pytest.approx(4 * kl_t2, abs=1e-6)
     # Causal: position t predicts the token at t + 1; labels (1, 0) leave one prediction, of token 0 from row 0.
     causal = distill.Losses(0.0, 0.0, 1.0, 0.0, 0.0, 1.0, False)
-    total, terms = distill.distillation_loss(student, teacher, None, None, attention, torch.tensor([[1, 0]]),
-                                             causal, causal=True)
+    total, terms = loss(None, None, torch.tensor([[1, 0]]), causal, causal=True)
     assert terms == {"loss_clm": pytest.approx(math.log(2.0), abs=1e-6)} and total.item() == pytest.approx(
         math.log(2.0), abs=1e-6)
 
