@@ -25,6 +25,7 @@ from common.builtin import distill as builtin_distill
 from common.errors import UserError, run_cli
 from common.models.student import DISTILBERT_LAYER, extract, load_teacher
 from conftest import ROOT
+from test_fused_loss import reference_step
 
 SCRIPT = str(ROOT / "scripts" / "distill.py")
 FAST = ["--batch_size", "16", "--gradient_accumulation_steps", "1", "--log_interval", "2",
@@ -218,6 +219,28 @@ def test_cli_end_to_end_writes_every_output(mlm_setup, tmp_path):
                            init["distilbert.transformer.layer.0.ffn.lin1.weight"])
 
 
+def test_twenty_steps_end_at_the_weights_of_the_whole_logits_loss(mlm_setup, tmp_path, monkeypatch):
+    """The chunked losses train as the straightforward computation on whole logits does (test_fused_loss.py
+    compares one step term by term and gradient by gradient)."""
+    common = ["--max_steps", "20", "--batch_size", "4", "--alpha_ce", "5", "--alpha_mlm", "2", "--alpha_mse", "0.1",
+              "--alpha_cos", "1", "--loss_chunk_size", "7"]
+    distill.main(mlm_args(mlm_setup, tmp_path / "chunked", *common))
+
+    def whole_logits_step(run, teacher, chunk):
+        return reference_step(run.losses, run.causal, teacher)
+
+    monkeypatch.setattr(distill, "DistillStep", whole_logits_step)
+    distill.main(mlm_args(mlm_setup, tmp_path / "whole", *common))
+    chunked = load_file(str(tmp_path / "chunked" / "model.safetensors"))
+    whole = load_file(str(tmp_path / "whole" / "model.safetensors"))
+    init = load_file(os.path.join(mlm_setup["student"], "model.safetensors"))
+    assert chunked.keys() == whole.keys()
+    for name, w in whole.items():  # (a tensor that stays near 0, e.g. the key bias with no gradient: 1e-3)
+        assert float((chunked[name] - w).abs().max()) <= 1e-5 * max(float(w.abs().max()), 1e-3), name
+    lin = "distilbert.transformer.layer.1.ffn.lin1.weight"
+    assert float((whole[lin] - init[lin]).abs().max()) > 1e-3  # twenty steps that moved the weights
+
+
 def test_resume_gives_the_same_weights_as_an_uninterrupted_run(mlm_setup, tmp_path):
     common = ["--max_steps", "6", "--checkpoint_interval", "3", "--gradient_accumulation_steps", "2",
               "--alpha_ce", "1", "--alpha_mlm", "1", "--alpha_cos", "1"]
@@ -320,6 +343,7 @@ def gpt2_student(tiny_gpt2_dir, tmp_path_factory) -> str:
     ("other_tokenizer", "binarized with another tokenizer"),
     ("only_data", "give both --data_file and --teacher_name"),
     ("bad_word_shares", "must be >= 0 and sum to 1"),
+    ("zero_chunk", "--loss_chunk_size must be at least 1"),
     ("cos_with_other_width", "--alpha_cos compares hidden states"),
 ])
 def test_bad_inputs(case, pattern, mlm_setup, gpt2_student, tiny_gpt2_dir, lm_corpus_dir, tmp_path):
@@ -350,6 +374,8 @@ def test_bad_inputs(case, pattern, mlm_setup, gpt2_student, tiny_gpt2_dir, lm_co
         argv = ["--data_file", mlm_setup["data"], "--output_dir", str(out)]
     elif case == "bad_word_shares":
         argv = base + ["--word_mask", "0.5"]
+    elif case == "zero_chunk":
+        argv = base + ["--loss_chunk_size", "0"]
     else:
         config = json.loads((Path(mlm_setup["student"]) / "config.json").read_text())
         config.update(dim=16, hidden_dim=32)
