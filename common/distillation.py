@@ -132,14 +132,3 @@ def fixed_mlm_mask(token_ids: torch.Tensor, attention_mask: torch.Tensor, exampl
         labels[row, chosen] = token_ids[row, chosen]
         inputs[row, chosen] = mask_id
     return inputs, labels
-
-
-def sequence_nll(logits: torch.Tensor, labels: torch.Tensor, causal: bool) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per sequence: the summed negative log-likelihood of its labelled tokens and how many there are (for
-    perplexity = exp(total NLL / total count) over a corpus); a causal LM predicts position t + 1 from t."""
-    if causal:
-        logits, labels = logits[..., :-1, :], labels[..., 1:]
-    has_label = labels != -100
-    logp = torch.log_softmax(logits.float(), dim=-1)
-    picked = logp.gather(-1, labels.clamp_min(0).unsqueeze(-1)).squeeze(-1)
-    return -(picked * has_label).sum(dim=-1), has_label.sum(dim=-1)

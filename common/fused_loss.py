@@ -210,3 +210,27 @@ def fused_distillation_losses(hidden: torch.Tensor, projection: nn.Linear, teach
                                               rows.reshape(-1), targets.reshape(-1), weights, chunk)
     names = (("ce", weights.ce), ("lm", weights.lm), ("mse", weights.mse))
     return total, {name: sums[i] for i, (name, alpha) in enumerate(names) if alpha > 0}
+
+
+def token_nll(hidden: torch.Tensor, projection: nn.Linear, targets: torch.Tensor,
+              chunk_size: int | None = None) -> torch.Tensor:
+    """Each position's negative log-likelihood of its target (`lm_targets`; 0 where it has none), through the
+    projection in chunks of positions: evaluation's perplexity without whole logits. No gradient."""
+    h = hidden.reshape(-1, hidden.shape[-1]).detach().float()
+    flat = targets.reshape(-1)
+    weight = projection.weight.detach().float()
+    bias = None if projection.bias is None else projection.bias.detach().float()
+    chunk = chunk_rows(weight.shape[0], chunk_size)
+    rows = min(chunk, h.shape[0])
+    z_buf, scratch = torch.empty(rows, weight.shape[0], device=h.device), torch.empty(rows, weight.shape[0],
+                                                                                      device=h.device)
+    out = torch.zeros(h.shape[0], device=h.device)
+    with torch.no_grad():
+        for start in range(0, h.shape[0], chunk):
+            end = min(start + chunk, h.shape[0])
+            z = z_buf[:end - start]
+            _logits(h[start:end], weight, bias, z, scratch)
+            log_s = torch._log_softmax(z, -1, False, out=z)
+            tg = flat[start:end]
+            out[start:end] = -log_s.gather(-1, tg.clamp_min(0)[:, None])[:, 0] * (tg != -100)
+    return out.view(targets.shape)

@@ -53,9 +53,9 @@ from common.checkpoint import resolve_resume_path
 from common.cli import save_final_model, script_context
 from common.data import lm
 from common.distillation import (
-    clm_labels, fixed_mlm_mask, hidden_cosine, masking_probabilities, mlm_mask, sequence_nll,
+    clm_labels, fixed_mlm_mask, hidden_cosine, masking_probabilities, mlm_mask,
 )
-from common.fused_loss import LossWeights, fused_distillation_losses, lm_targets, projection_removed
+from common.fused_loss import LossWeights, fused_distillation_losses, lm_targets, projection_removed, token_nll
 from common.distributed import DistContext, all_gather_objects, barrier, main_process_first
 from common.errors import UserError, run_cli
 from common.io import write_json_atomic
@@ -136,8 +136,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     mode.add_argument("--mlm", action="store_true", help="Masked-LM objective (students: distilbert, bert, roberta).")
     mode.add_argument("--clm", action="store_true", help="Causal-LM objective (student: gpt2).")
     g.add_argument("--loss_chunk_size", default=None, type=int,
-                   help="Tokens per chunk of the fused output projection + vocabulary-sized losses (default: "
-                        "chosen from a memory target, about 32 MB of temporaries).")
+                   help="Tokens per chunk of the output projection and the vocabulary-sized losses, in training "
+                        "and evaluation (default: from a memory target of about 64 MB of temporaries).")
     g.add_argument("--restrict_ce_to_mask", action="store_true",
                    help="Distillation loss only on the masked positions (MLM), not every token.")
     g.add_argument("--freeze_pos_embs", action="store_true", help="Freeze the student's position embeddings.")
@@ -700,7 +700,8 @@ class HeldOutBatches:
 def evaluate(ctx: DistContext, args: argparse.Namespace, run: Run, student: nn.Module, teacher: nn.Module,
              tokenizer: Any, max_len: int) -> dict[str, Any]:
     """Perplexity of teacher and student on the held-out file (masked LM: the same fixed 15% of each sequence's
-    tokens masked for both models; causal LM: every next token), each model timed over the same batches."""
+    tokens masked for both models; causal LM: every next token), each model timed over the same batches; the
+    output projection in chunks of tokens, as in training."""
     data = eval_corpus(ctx, run, tokenizer, max_len)
     logger.info("Evaluation data: %s", data.describe())
     order = np.argsort(data.lengths, kind="stable")  # similar lengths together: less padding, fairer timing
@@ -709,9 +710,11 @@ def evaluate(ctx: DistContext, args: argparse.Namespace, run: Run, student: nn.M
 
     def step_for(model: nn.Module):
         def step(batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-            logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
-            nll, count = sequence_nll(logits, batch["labels"], run.causal)
-            return {"nll": nll, "count": count, "tokens": batch["tokens"]}
+            with projection_removed(model) as projection:
+                features = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+            targets = lm_targets(batch["labels"], run.causal).view_as(batch["labels"])
+            nll = token_nll(features, projection, targets, args.loss_chunk_size)
+            return {"nll": nll.sum(-1), "count": (targets != -100).sum(-1), "tokens": batch["tokens"]}
         return step
 
     results: dict[str, Any] = {"eval_file": run.eval_file, "objective": "clm" if run.causal else "mlm",

@@ -15,6 +15,7 @@ import distill
 from common.distillation import hidden_cosine, hidden_mse, lm_cross_entropy, soft_cross_entropy
 from common.fused_loss import (
     LossWeights, chunk_rows, fused_distillation_losses, lm_targets, output_projection, projection_removed,
+    token_nll,
 )
 
 VOCAB = 53
@@ -139,3 +140,23 @@ def test_helpers():
         out = student(input_ids=torch.tensor([[5, 6, 7]]))
         assert out.logits.shape == (1, 3, 32)  # the states entering the projection
     assert student.vocab_projector is projection
+
+
+@pytest.mark.parametrize("causal", [False, True])
+def test_token_nll_equals_the_log_softmax_of_whole_logits(causal):
+    _, model = tiny_pair(causal)
+    model.eval()
+    batch = padded_batch(causal)
+    with torch.no_grad():
+        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+        with projection_removed(model) as projection:
+            features = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+    labels = batch["labels"]
+    if causal:
+        logits, labels = logits[:, :-1], labels[:, 1:]
+    picked = torch.log_softmax(logits, -1).gather(-1, labels.clamp_min(0)[..., None])[..., 0]
+    want = -(picked * (labels != -100)).sum(-1)
+    targets = lm_targets(batch["labels"], causal).view_as(batch["labels"])
+    for chunk in (5, None):
+        got = token_nll(features, projection, targets, chunk).sum(-1)
+        assert torch.allclose(got, want, rtol=1e-5, atol=1e-6)
