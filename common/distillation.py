@@ -1,6 +1,9 @@
-"""Distillation losses shared by the pruning script (teacher on SQuAD) and the distillation script (LM).
+"""Distillation losses on whole tensors, and the masking of the language-modelling objectives.
 
-All take logits or hidden states as tensors; callers read model outputs by name (`outputs.start_logits`,
+The pruning script's teacher distillation uses these directly (its logits are start/end positions, not a
+vocabulary); the distillation script uses the cosine loss on hidden states and the masking here, and computes
+its vocabulary-sized terms through the output projection in chunks (common/fused_loss.py), tested equal to
+these functions on whole logits. All take tensors; callers read model outputs by name (`outputs.start_logits`,
 `outputs.logits`, `outputs.hidden_states`), never by tuple position.
 """
 
