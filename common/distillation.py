@@ -46,15 +46,14 @@ def hidden_mse(student: torch.Tensor, teacher: torch.Tensor, mask: torch.Tensor 
 
 def hidden_cosine(student: torch.Tensor, teacher: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
     """1 - cosine similarity of hidden vectors (DistilBERT's cosine embedding loss with target 1), averaged
-    over the masked positions (all if None)."""
+    over the masked positions (all if None; 0 if none). Masking by weights, not selection: no host sync."""
     s = student.float().reshape(-1, student.shape[-1])
     t = teacher.float().reshape(-1, teacher.shape[-1])
-    if mask is not None:
-        keep = mask.reshape(-1).bool()
-        s, t = s[keep], t[keep]
-    if s.shape[0] == 0:
-        return student.sum() * 0.0
-    return (1.0 - F.cosine_similarity(s, t, dim=-1)).mean()
+    distance = 1.0 - F.cosine_similarity(s, t, dim=-1)
+    if mask is None:
+        return distance.mean()
+    keep = mask.reshape(-1).to(distance.dtype)
+    return (distance * keep).sum() / keep.sum().clamp_min(1.0)
 
 
 # ----------------------------------------------------------------------------------------------------------
