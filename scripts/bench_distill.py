@@ -220,7 +220,7 @@ def report(bench: dict[str, Any]) -> str:
 
 def run_measured(checkout: str, argv: Sequence[str], threads: int) -> dict[str, Any]:
     """`checkout`'s scripts/distill.py in a fresh process (its own `common` first on the path): what its main()
-    returned, the process's wall seconds and its peak resident memory (wait4: this child alone)."""
+    returned, the process's wall seconds, CPU seconds and peak resident memory (wait4: this child alone)."""
     with tempfile.TemporaryDirectory(prefix="bench-") as tmp:
         results_file = os.path.join(tmp, "results.json")
         env = {**os.environ, "PYTHONPATH": checkout, "OMP_NUM_THREADS": str(threads), "TRANSFORMERS_VERBOSITY":
@@ -237,7 +237,8 @@ def run_measured(checkout: str, argv: Sequence[str], threads: int) -> dict[str, 
         with open(results_file, encoding="utf-8") as f:
             results = json.load(f)
     peak_kb = usage.ru_maxrss / (1024 if sys.platform == "darwin" else 1)
-    return {"train": results["train"], "process_seconds": seconds, "peak_rss_mb": peak_kb / 1024}
+    return {"train": results["train"], "process_seconds": seconds, "cpu_seconds": usage.ru_utime + usage.ru_stime,
+            "peak_rss_mb": peak_kb / 1024}
 
 
 def measured_batches(data_file: str, tokenizer: Any, max_positions: int, steps: int, batch_size: int,
@@ -292,8 +293,9 @@ def compare(args: argparse.Namespace, start: float) -> dict[str, Any]:
                               args.compare_threads)
         bench["compare"].append({"side": name, "checkout": sides[name], **result})
         t = result["train"]
-        print(f"{name}: {t['tokens_this_run']} tokens, {t['tokens_per_second']:.0f} tokens/s, peak "
-              f"{result['peak_rss_mb']:.0f} MB", flush=True)
+        print(f"{name}: {t['tokens_this_run']} tokens, {t['tokens_per_second']:.0f} tokens/s, "
+              f"{result['cpu_seconds']:.0f} CPU seconds, peak {result['peak_rss_mb']:.0f} MB (load "
+              f"{load_average()})", flush=True)
     wall["compare"] = time.perf_counter() - t0
     tokens = {r["train"]["tokens_this_run"] for r in bench["compare"]}
     if len(tokens) != 1:
@@ -306,9 +308,11 @@ def compare_report(bench: dict[str, Any]) -> str:
     runs = bench["compare"]
     mean = {side: {k: sum(f(r) for r in runs if r["side"] == side) / sum(r["side"] == side for r in runs)
                    for k, f in (("tps", lambda r: r["train"]["tokens_per_second"]),
-                                ("peak", lambda r: r["peak_rss_mb"]))} for side in ("before", "this")}
+                                ("cpu", lambda r: r["cpu_seconds"]), ("peak", lambda r: r["peak_rss_mb"]))}
+            for side in ("before", "this")}
     rows = [[r["side"], r["train"]["tokens_this_run"], f"{r['train']['seconds']:.1f}",
-             f"{r['train']['tokens_per_second']:.0f}", f"{r['peak_rss_mb'] / 1024:.2f} GB"] for r in runs]
+             f"{r['train']['tokens_per_second']:.0f}", f"{r['cpu_seconds']:.0f}", f"{r['peak_rss_mb'] / 1024:.2f} GB"]
+            for r in runs]
     env = bench["environment"]
     return "\n".join([
         f"Distillation side by side (ABBA), {cfg['compare_steps']} steps of 5 x 5 sequences of the first "
@@ -316,8 +320,9 @@ def compare_report(bench: dict[str, Any]) -> str:
         f"threads; load {env['load_average_1_5_15min_before']} before, {env['load_average_1_5_15min_after']} after",
         f"before: {cfg['compare_with']}; this: {ROOT}. Longest sequence in the measured micro-batches "
         f"{b['longest_measured']} tokens (the epoch's: {b['longest_in_epoch']}).",
-        format_table(["side", "tokens", "train seconds", "tokens/s", "peak resident"], rows),
+        format_table(["side", "tokens", "train seconds", "tokens/s", "process CPU seconds", "peak resident"], rows),
         f"this / before: {mean['this']['tps'] / mean['before']['tps']:.2f}x the tokens/s, "
+        f"{mean['before']['cpu'] / mean['this']['cpu']:.2f}x fewer CPU seconds (whole process), "
         f"{mean['this']['peak'] / mean['before']['peak']:.2f}x the peak memory "
         f"({mean['before']['peak'] / 1024:.2f} -> {mean['this']['peak'] / 1024:.2f} GB)"])
 
