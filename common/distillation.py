@@ -1,6 +1,9 @@
-"""Distillation losses shared by the pruning script (teacher on SQuAD) and the distillation script (LM).
+"""Distillation losses on whole tensors, and the masking of the language-modelling objectives.
 
-All take logits or hidden states as tensors; callers read model outputs by name (`outputs.start_logits`,
+The pruning script's teacher distillation uses these directly (its logits are start/end positions, not a
+vocabulary); the distillation script uses the cosine loss on hidden states and the masking here, and computes
+its vocabulary-sized terms through the output projection in chunks (common/fused_loss.py), tested equal to
+these functions on whole logits. All take tensors; callers read model outputs by name (`outputs.start_logits`,
 `outputs.logits`, `outputs.hidden_states`), never by tuple position.
 """
 
@@ -43,15 +46,14 @@ def hidden_mse(student: torch.Tensor, teacher: torch.Tensor, mask: torch.Tensor 
 
 def hidden_cosine(student: torch.Tensor, teacher: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
     """1 - cosine similarity of hidden vectors (DistilBERT's cosine embedding loss with target 1), averaged
-    over the masked positions (all if None)."""
+    over the masked positions (all if None; 0 if none). Masking by weights, not selection: no host sync."""
     s = student.float().reshape(-1, student.shape[-1])
     t = teacher.float().reshape(-1, teacher.shape[-1])
-    if mask is not None:
-        keep = mask.reshape(-1).bool()
-        s, t = s[keep], t[keep]
-    if s.shape[0] == 0:
-        return student.sum() * 0.0
-    return (1.0 - F.cosine_similarity(s, t, dim=-1)).mean()
+    distance = 1.0 - F.cosine_similarity(s, t, dim=-1)
+    if mask is None:
+        return distance.mean()
+    keep = mask.reshape(-1).to(distance.dtype)
+    return (distance * keep).sum() / keep.sum().clamp_min(1.0)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -132,14 +134,3 @@ def fixed_mlm_mask(token_ids: torch.Tensor, attention_mask: torch.Tensor, exampl
         labels[row, chosen] = token_ids[row, chosen]
         inputs[row, chosen] = mask_id
     return inputs, labels
-
-
-def sequence_nll(logits: torch.Tensor, labels: torch.Tensor, causal: bool) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per sequence: the summed negative log-likelihood of its labelled tokens and how many there are (for
-    perplexity = exp(total NLL / total count) over a corpus); a causal LM predicts position t + 1 from t."""
-    if causal:
-        logits, labels = logits[..., :-1, :], labels[..., 1:]
-    has_label = labels != -100
-    logp = torch.log_softmax(logits.float(), dim=-1)
-    picked = logp.gather(-1, labels.clamp_min(0).unsqueeze(-1)).squeeze(-1)
-    return -(picked * has_label).sum(dim=-1), has_label.sum(dim=-1)

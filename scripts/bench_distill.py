@@ -15,10 +15,21 @@ distillation throughput with and without length-grouped batches.
    each batch that is padding. The grouped run then evaluates student and teacher on the first --eval_lines
    lines of wiki.valid (masked-LM perplexity, size, speed).
 
+With --compare_with <another checkout of this project> it measures instead, side by side in ABBA order, that
+checkout's scripts/distill.py (A) and this one's (B) at the settings of the original distillation/train.py run:
+the first --compare_lines lines of wiki.valid.raw, the teacher with a fresh masked-LM head seeded with --seed
+(untrained), a 3-layer DistilBERT student from its layers 0, 2 and 4, batch 5, accumulation 5, lr 5e-4, alpha_ce
+5, alpha_mlm 2, alpha_cos 1, temperature 2, --freeze_pos_embs, --compare_threads threads, for --compare_steps
+optimizer steps: training tokens/s (real tokens; both sides see the same batches) and each process's peak
+resident memory (its own, from wait4).
+
 Prints a table and writes everything, with the environment, to <output_dir>/bench_results.json.
 
     python scripts/bench_distill.py --model_name_or_path <all-MiniLM-L6-v2 folder> \\
         --data_dir ../shared/data/lm/wikitext-2-raw --output_dir runs/bench-distill
+    python scripts/bench_distill.py --model_name_or_path <all-MiniLM-L6-v2 folder> \\
+        --data_dir ../shared/data/lm/wikitext-2-raw --output_dir runs/bench-distill-compare \\
+        --compare_with <checkout of the commit before> --seed 56
 
 Timings are single measurements on whatever else the machine is doing (no repeats).
 """
@@ -28,13 +39,15 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import subprocess
 import sys
+import tempfile
 import time
 from typing import Any, Sequence
 
 from common.args import answering_help
-from common.bench import bench_parser, format_table, new_record, run_script, write_record
-from common.errors import UserError, run_cli
+from common.bench import abba_order, bench_parser, format_table, load_average, new_record, run_script, write_record
+from common.errors import RESULTS_ENV, UserError, run_cli
 
 if not answering_help(__name__):  # -h/--help answers at once: argparse needs none of what follows
     import torch
@@ -42,10 +55,12 @@ if not answering_help(__name__):  # -h/--help answers at once: argparse needs no
 
     from common.builtin.distill import train_masked_lm
     from common.distributed import DistContext
+    from common.data import lm
     from common.pretrained import check_model_folder
     from common.io import write_bytes_atomic, write_text_atomic
 
 SCRIPTS = os.path.dirname(os.path.abspath(__file__))
+ROOT = os.path.dirname(SCRIPTS)
 BINARIZE = os.path.join(SCRIPTS, "binarize_data.py")
 TOKEN_COUNTS = os.path.join(SCRIPTS, "token_counts.py")
 EXTRACT_STUDENT = os.path.join(SCRIPTS, "extract_student.py")
@@ -70,9 +85,22 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--eval_lines", default=200, type=int,
                         help="Lines of wiki.valid.raw (blank ones included) for the perplexity evaluation.")
     parser.add_argument("--seed", default=42, type=int, help="Seed of the head training and distillation.")
+    parser.add_argument("--compare_with", default=None,
+                        help="Another checkout of this project (e.g. the commit before): measure its distill.py "
+                             "against this one's at the original train.py settings, instead of the default bench.")
+    parser.add_argument("--compare_steps", default=10, type=int, help="Optimizer steps of each compared run.")
+    parser.add_argument("--compare_lines", default=3000, type=int, help="Lines of wiki.valid.raw to train on.")
+    parser.add_argument("--compare_repeats", default=2, type=int,
+                        help="Runs of each side, in ABBA order (2: A B B A).")
+    parser.add_argument("--compare_threads", default=2, type=int, help="Torch threads of each compared run.")
     args = parser.parse_args(argv)
     problems = [f"--{name} must be at least 1" for name in ("repeat", "distill_steps", "batch_size", "eval_lines",
-                                                            "head_batch_size") if getattr(args, name) < 1]
+                                                            "head_batch_size", "compare_steps", "compare_lines",
+                                                            "compare_repeats", "compare_threads")
+                if getattr(args, name) < 1]
+    if args.compare_with is not None and not os.path.isfile(os.path.join(args.compare_with, "scripts", "distill.py")):
+        problems.append(f"--compare_with {args.compare_with}: no scripts/distill.py there (give a checkout of this "
+                        "project)")
     if not args.head_learning_rate > 0:
         problems.append("--head_learning_rate must be positive")
     if args.head_steps < 0:
@@ -187,9 +215,124 @@ def report(bench: dict[str, Any]) -> str:
     return "\n".join(out)
 
 
+# ----------------------------------------------------------------------------------------------------------
+# --compare_with: this checkout against another at the original train.py settings
+
+
+def run_measured(checkout: str, argv: Sequence[str], threads: int) -> dict[str, Any]:
+    """`checkout`'s scripts/distill.py in a fresh process (its own `common` first on the path): what its main()
+    returned, the process's wall seconds, CPU seconds and peak resident memory (wait4: this child alone)."""
+    with tempfile.TemporaryDirectory(prefix="bench-") as tmp:
+        results_file = os.path.join(tmp, "results.json")
+        env = {**os.environ, "PYTHONPATH": checkout, "OMP_NUM_THREADS": str(threads), "TRANSFORMERS_VERBOSITY":
+               "error", RESULTS_ENV: results_file}
+        start = time.perf_counter()
+        proc = subprocess.Popen([sys.executable, os.path.join(checkout, "scripts", "distill.py"), *argv], env=env,
+                                stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+        stderr = proc.stderr.read()
+        _, status, usage = os.wait4(proc.pid, 0)
+        proc.returncode = os.waitstatus_to_exitcode(status)
+        seconds = time.perf_counter() - start
+        if proc.returncode != 0:
+            raise UserError(f"{checkout}/scripts/distill.py failed with exit code {proc.returncode}: {stderr[-2000:]}")
+        with open(results_file, encoding="utf-8") as f:
+            results = json.load(f)
+    peak_kb = usage.ru_maxrss / (1024 if sys.platform == "darwin" else 1)
+    return {"train": results["train"], "process_seconds": seconds, "cpu_seconds": usage.ru_utime + usage.ru_stime,
+            "peak_rss_mb": peak_kb / 1024}
+
+
+def measured_batches(data_file: str, tokenizer: Any, max_positions: int, steps: int, batch_size: int,
+                     accumulation: int, seed: int) -> dict[str, int]:
+    """The longest sequence in the micro-batches the compared runs take, and in the whole epoch (peak memory
+    follows the longest batch: a short run measures the steady state only if it meets one as long)."""
+    max_len = min(tokenizer.model_max_length, max_positions)  # what distill.py takes when not told
+    data = lm.LmDataset(lm.TokenFile(data_file), max_len, tokenizer.unk_token_id)
+    batches = lm.LmBatches(data, batch_size, seed, tokenizer.pad_token_id, lambda i, m: (i, m), True, max_len)
+    epoch = batches.epoch(0, DistContext(device=torch.device("cpu")))
+    longest = [max(int(data.lengths[i]) for i in b) for b in epoch]
+    return {"sequences": len(data), "micro_batches_measured": steps * accumulation,
+            "longest_measured": max(longest[:steps * accumulation]), "longest_in_epoch": max(longest)}
+
+
+def compare(args: argparse.Namespace, start: float) -> dict[str, Any]:
+    out = args.output_dir
+    data_dir = os.path.join(out, "data")
+    os.makedirs(data_dir, exist_ok=True)
+    bench = new_record("bench_distill.py", args, None)
+    load_before = load_average()
+    wall: dict[str, float] = {}
+    t0 = time.perf_counter()
+    text = head_lines(os.path.join(args.data_dir, "wiki.valid.raw"), os.path.join(data_dir, "valid.head.raw"),
+                      args.compare_lines)
+    data = binarize_in_subprocess(text, args.model_name_or_path, os.path.join(data_dir, "valid"))["output"]
+    counts = os.path.join(data_dir, "valid.counts.safetensors")
+    run_script(TOKEN_COUNTS, ["--data_file", data, "--token_counts_dump", counts], quiet=True)
+    teacher, student = os.path.join(out, "teacher"), os.path.join(out, "student")
+    tokenizer = AutoTokenizer.from_pretrained(args.model_name_or_path)
+    torch.manual_seed(args.seed)  # the head's initialization
+    model = BertForMaskedLM.from_pretrained(args.model_name_or_path)
+    model.save_pretrained(teacher)
+    tokenizer.save_pretrained(teacher)
+    run_script(EXTRACT_STUDENT, ["--model_name", teacher, "--layers", "0", "2", "4", "--vocab_transform",
+                                 "--dump_checkpoint", student], quiet=True)
+    wall["prepare"] = time.perf_counter() - t0
+    bench["batches"] = measured_batches(data, tokenizer, model.config.max_position_embeddings, args.compare_steps, 5,
+                                        5, args.seed)
+    argv = ["--teacher_name", teacher, "--student_pretrained_weights", student, "--data_file", data,
+            "--token_counts", counts, "--overwrite_output_dir", "--mlm", "--alpha_ce", "5", "--alpha_mlm", "2",
+            "--alpha_cos", "1", "--temperature", "2", "--freeze_pos_embs", "--seed", str(args.seed),
+            "--batch_size", "5", "--gradient_accumulation_steps", "5", "--learning_rate", "5e-4",
+            "--max_steps", str(args.compare_steps), "--checkpoint_interval", "0", "--log_interval",
+            str(args.compare_steps), "--disable_tqdm"]
+    sides = {"before": os.path.abspath(args.compare_with), "this": ROOT}
+    t0 = time.perf_counter()
+    bench["compare"] = []
+    for i, this in enumerate(abba_order(args.compare_repeats)):
+        name = "this" if this else "before"
+        result = run_measured(sides[name], argv + ["--output_dir", os.path.join(out, f"run-{i}-{name}")],
+                              args.compare_threads)
+        bench["compare"].append({"side": name, "checkout": sides[name], **result})
+        t = result["train"]
+        print(f"{name}: {t['tokens_this_run']} tokens, {t['tokens_per_second']:.0f} tokens/s, "
+              f"{result['cpu_seconds']:.0f} CPU seconds, peak {result['peak_rss_mb']:.0f} MB (load "
+              f"{load_average()})", flush=True)
+    wall["compare"] = time.perf_counter() - t0
+    tokens = {r["train"]["tokens_this_run"] for r in bench["compare"]}
+    if len(tokens) != 1:
+        raise UserError(f"the compared runs trained on different token counts ({sorted(tokens)})")
+    return write_record(out, bench, wall, start, compare_report, load_before)
+
+
+def compare_report(bench: dict[str, Any]) -> str:
+    cfg, b = bench["config"], bench["batches"]
+    runs = bench["compare"]
+    mean = {side: {k: sum(f(r) for r in runs if r["side"] == side) / sum(r["side"] == side for r in runs)
+                   for k, f in (("tps", lambda r: r["train"]["tokens_per_second"]),
+                                ("cpu", lambda r: r["cpu_seconds"]), ("peak", lambda r: r["peak_rss_mb"]))}
+            for side in ("before", "this")}
+    rows = [[r["side"], r["train"]["tokens_this_run"], f"{r['train']['seconds']:.1f}",
+             f"{r['train']['tokens_per_second']:.0f}", f"{r['cpu_seconds']:.0f}", f"{r['peak_rss_mb'] / 1024:.2f} GB"]
+            for r in runs]
+    env = bench["environment"]
+    return "\n".join([
+        f"Distillation side by side (ABBA), {cfg['compare_steps']} steps of 5 x 5 sequences of the first "
+        f"{cfg['compare_lines']} lines of wiki.valid.raw ({b['sequences']} sequences); {cfg['compare_threads']} "
+        f"threads; load {env['load_average_1_5_15min_before']} before, {env['load_average_1_5_15min_after']} after",
+        f"before: {cfg['compare_with']}; this: {ROOT}. Longest sequence in the measured micro-batches "
+        f"{b['longest_measured']} tokens (the epoch's: {b['longest_in_epoch']}).",
+        format_table(["side", "tokens", "train seconds", "tokens/s", "process CPU seconds", "peak resident"], rows),
+        f"this / before: {mean['this']['tps'] / mean['before']['tps']:.2f}x the tokens/s, "
+        f"{mean['before']['cpu'] / mean['this']['cpu']:.2f}x fewer CPU seconds (whole process), "
+        f"{mean['this']['peak'] / mean['before']['peak']:.2f}x the peak memory "
+        f"({mean['before']['peak'] / 1024:.2f} -> {mean['this']['peak'] / 1024:.2f} GB)"])
+
+
 def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     args = parse_args(argv)
     start = time.perf_counter()
+    if args.compare_with is not None:
+        return compare(args, start)
     out = args.output_dir
     data_dir = os.path.join(out, "data")
     os.makedirs(data_dir, exist_ok=True)

@@ -57,9 +57,9 @@ if not answering_help(__name__):  # -h/--help answers at once: argparse needs no
     from common.cli import save_final_model, script_context
     from common.data import lm
     from common.distillation import (
-        clm_labels, fixed_mlm_mask, hidden_cosine, hidden_mse, lm_cross_entropy, masking_probabilities, mlm_mask,
-        sequence_nll, soft_cross_entropy,
+        clm_labels, fixed_mlm_mask, hidden_cosine, masking_probabilities, mlm_mask,
     )
+    from common.fused_loss import LossWeights, fused_distillation_losses, lm_targets, projection_removed, token_nll
     from common.distributed import DistContext, all_gather_objects, barrier, main_process_first
     from common.io import write_json_atomic
     from common.model_card import write_model_card
@@ -135,6 +135,9 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     mode = g.add_mutually_exclusive_group()
     mode.add_argument("--mlm", action="store_true", help="Masked-LM objective (students: distilbert, bert, roberta).")
     mode.add_argument("--clm", action="store_true", help="Causal-LM objective (student: gpt2).")
+    g.add_argument("--loss_chunk_size", default=None, type=int,
+                   help="Tokens per chunk of the output projection and the vocabulary-sized losses, in training "
+                        "and evaluation (default: from a memory target of about 64 MB of temporaries).")
     g.add_argument("--restrict_ce_to_mask", action="store_true",
                    help="Distillation loss only on the masked positions (MLM), not every token.")
     g.add_argument("--freeze_pos_embs", action="store_true", help="Freeze the student's position embeddings.")
@@ -239,6 +242,8 @@ def flag_problems(args: argparse.Namespace, ctx: DistContext) -> list[str]:
     for name, value in alphas.items():
         if value is not None and (value < 0 or not math.isfinite(value)):
             problems.append(f"--{name} must be >= 0 (got {value})")
+    if args.loss_chunk_size is not None and args.loss_chunk_size < 1:
+        problems.append(f"--loss_chunk_size must be at least 1 (got {args.loss_chunk_size})")
     if not args.temperature > 0:
         problems.append(f"--temperature must be positive (got {args.temperature})")
     if not 0 < args.mlm_mask_prop <= 1:
@@ -531,51 +536,60 @@ def token_probabilities(ctx: DistContext, run: Run, token_file: lm.TokenFile, to
 # the distillation loss
 
 
-def distillation_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, student_hidden: torch.Tensor | None,
+def distillation_loss(student_features: torch.Tensor, projection: nn.Linear, teacher_features: torch.Tensor | None,
+                      teacher_projection: nn.Linear | None, student_hidden: torch.Tensor | None,
                       teacher_hidden: torch.Tensor | None, attention_mask: torch.Tensor, labels: torch.Tensor,
-                      losses: Losses, causal: bool) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+                      losses: Losses, causal: bool, chunk_size: int | None = None
+                      ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """DistilBERT's loss mix: alpha_ce * soft cross-entropy(student, teacher; T) * T^2 over every real token
     (or only the masked ones), + alpha_mlm * masked-LM or alpha_clm * causal-LM cross-entropy, + alpha_mse *
     MSE of the logits (summed over the vocabulary, averaged over positions), + alpha_cos * (1 - cosine) of the
-    last hidden states. Returns (weighted sum, each active term unweighted)."""
-    mask = (labels != -100) if losses.restrict_ce_to_mask else attention_mask.bool()
+    last hidden states. The logits are never made whole: `*_features` are the states entering each model's
+    output projection, and the vocabulary-sized terms go through it in chunks of `chunk_size` tokens
+    (common.fused_loss; automatic when None). Returns (weighted sum, each active term unweighted)."""
+    rows = (labels != -100) if losses.restrict_ce_to_mask else attention_mask.bool()
+    lm_name, alpha_lm = ("loss_clm", losses.alpha_clm) if causal else ("loss_mlm", losses.alpha_mlm)
+    weights = LossWeights(ce=losses.alpha_ce, lm=alpha_lm, mse=losses.alpha_mse, temperature=losses.temperature)
+    total = student_features.sum() * 0.0
     terms: dict[str, torch.Tensor] = {}
-    if losses.alpha_ce > 0:
-        terms["loss_ce"] = soft_cross_entropy(student_logits, teacher_logits, losses.temperature, mask)
-    if losses.alpha_mlm > 0:
-        terms["loss_mlm"] = lm_cross_entropy(student_logits, labels, causal=False)
-    if losses.alpha_clm > 0:
-        terms["loss_clm"] = lm_cross_entropy(student_logits, labels, causal=True)
-    if losses.alpha_mse > 0:
-        # hidden_mse averages over the vocabulary too; the original summed over it (MSELoss(sum) / positions).
-        terms["loss_mse"] = hidden_mse(student_logits, teacher_logits, mask) * student_logits.shape[-1]
+    if weights.ce > 0 or weights.lm > 0 or weights.mse > 0:
+        total, fused = fused_distillation_losses(student_features, projection, teacher_features, teacher_projection,
+                                                 rows, lm_targets(labels, causal), weights, chunk_size)
+        terms.update({{"ce": "loss_ce", "lm": lm_name, "mse": "loss_mse"}[k]: v for k, v in fused.items()})
     if losses.alpha_cos > 0:
         terms["loss_cos"] = hidden_cosine(student_hidden, teacher_hidden, attention_mask)
-    weights = {"loss_ce": losses.alpha_ce, "loss_mlm": losses.alpha_mlm, "loss_clm": losses.alpha_clm,
-               "loss_mse": losses.alpha_mse, "loss_cos": losses.alpha_cos}
-    total = sum(weights[name] * value for name, value in terms.items())
+        total = total + losses.alpha_cos * terms["loss_cos"]
     return total, terms
 
 
 class DistillStep:
     """The loss step for common.training.train: runs student and teacher on the batch its batch source made
-    (masked for MLM, labelled for CLM) and returns the loss mix with each term (tensors: the loop averages them
-    over the logging window, with no host sync per micro-batch)."""
+    (masked for MLM, labelled for CLM), both with their output projection taken out, the teacher under
+    torch.inference_mode, and returns the loss mix with each term (tensors: the loop averages them over the
+    logging window, with no host sync per micro-batch)."""
 
-    def __init__(self, run: Run, teacher: nn.Module) -> None:
-        self.run, self.teacher = run, teacher
+    def __init__(self, run: Run, teacher: nn.Module, chunk_size: int | None = None) -> None:
+        self.run, self.teacher, self.chunk_size = run, teacher, chunk_size
         self.hidden = run.losses.alpha_cos > 0
+        self.needs_teacher = run.losses.alpha_ce > 0 or run.losses.alpha_mse > 0 or self.hidden
 
     def __call__(self, model: nn.Module, batch: dict[str, torch.Tensor], state: Any
                  ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         inputs, attention_mask = batch["input_ids"], batch["attention_mask"]
-        student = model(input_ids=inputs, attention_mask=attention_mask, output_hidden_states=self.hidden)
-        with torch.no_grad():
-            teacher = self.teacher(input_ids=inputs, attention_mask=attention_mask, output_hidden_states=self.hidden)
+        with projection_removed(model) as projection:
+            student = model(input_ids=inputs, attention_mask=attention_mask, output_hidden_states=self.hidden)
+        teacher_features = teacher_hidden = teacher_projection = None
+        if self.needs_teacher:
+            with torch.inference_mode(), projection_removed(self.teacher) as teacher_projection:
+                teacher = self.teacher(input_ids=inputs, attention_mask=attention_mask,
+                                       output_hidden_states=self.hidden)
+            teacher_features = teacher.logits
+            # The cosine loss keeps the teacher's states for its backward: a normal tensor, not an inference one.
+            teacher_hidden = teacher.hidden_states[-1].clone() if self.hidden else None
         return distillation_loss(
-            student.logits, teacher.logits, student.hidden_states[-1] if self.hidden else None,
-            teacher.hidden_states[-1] if self.hidden else None, attention_mask, batch["labels"], self.run.losses,
-            self.run.causal)
+            student.logits, projection, teacher_features, teacher_projection,
+            student.hidden_states[-1] if self.hidden else None, teacher_hidden, attention_mask, batch["labels"],
+            self.run.losses, self.run.causal, self.chunk_size)
 
 
 def batch_source(args: argparse.Namespace, run: Run, data: lm.LmDataset, tokenizer: Any, vocab_size: int,
@@ -634,7 +648,7 @@ def distill(ctx: DistContext, args: argparse.Namespace, run: Run, student: nn.Mo
                 run.student_type, count_parameters(student) / 1e6,
                 sum(p.numel() for p in student.parameters() if p.requires_grad) / 1e6, run.teacher_type,
                 count_parameters(teacher) / 1e6)
-    stage = Stage(STAGE, DistillStep(run, teacher),
+    stage = Stage(STAGE, DistillStep(run, teacher, args.loss_chunk_size),
                   lambda: param_groups(student.named_parameters(), args.learning_rate, args.weight_decay),
                   on_log=Throughput(ctx, batches))
     (result,) = train(ctx, cfg, student, [stage], batches, save, tb_writer=writer, resume_from=run.resume)
@@ -686,7 +700,8 @@ class HeldOutBatches:
 def evaluate(ctx: DistContext, args: argparse.Namespace, run: Run, student: nn.Module, teacher: nn.Module,
              tokenizer: Any, max_len: int) -> dict[str, Any]:
     """Perplexity of teacher and student on the held-out file (masked LM: the same fixed 15% of each sequence's
-    tokens masked for both models; causal LM: every next token), each model timed over the same batches."""
+    tokens masked for both models; causal LM: every next token), each model timed over the same batches; the
+    output projection in chunks of tokens, as in training."""
     data = eval_corpus(ctx, run, tokenizer, max_len)
     logger.info("Evaluation data: %s", data.describe())
     order = np.argsort(data.lengths, kind="stable")  # similar lengths together: less padding, fairer timing
@@ -695,9 +710,11 @@ def evaluate(ctx: DistContext, args: argparse.Namespace, run: Run, student: nn.M
 
     def step_for(model: nn.Module):
         def step(batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-            logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
-            nll, count = sequence_nll(logits, batch["labels"], run.causal)
-            return {"nll": nll, "count": count, "tokens": batch["tokens"]}
+            with projection_removed(model) as projection:
+                features = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+            targets = lm_targets(batch["labels"], run.causal).view_as(batch["labels"])
+            nll = token_nll(features, projection, targets, args.loss_chunk_size)
+            return {"nll": nll.sum(-1), "count": (targets != -100).sum(-1), "tokens": batch["tokens"]}
         return step
 
     results: dict[str, Any] = {"eval_file": run.eval_file, "objective": "clm" if run.causal else "mlm",

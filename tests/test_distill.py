@@ -25,6 +25,7 @@ from common.builtin import distill as builtin_distill
 from common.errors import UserError, run_cli
 from common.models.student import DISTILBERT_LAYER, extract, load_teacher
 from conftest import ROOT
+from test_fused_loss import reference_step
 
 SCRIPT = str(ROOT / "scripts" / "distill.py")
 FAST = ["--batch_size", "16", "--gradient_accumulation_steps", "1", "--log_interval", "2",
@@ -67,11 +68,19 @@ def test_loss_terms_hand_computed():
     hidden_t = torch.tensor([[[1.0, 1.0], [0.0, 1.0]]])
     attention = torch.tensor([[1, 1]])
     labels = torch.tensor([[1, -100]])  # position 0 is masked, its original token is 1
+    # Identity output projections: the states entering them are the logits.
+    eye = torch.nn.Linear(2, 2)
+    with torch.no_grad():
+        eye.weight.copy_(torch.eye(2))
+        eye.bias.zero_()
+
+    def loss(hs, ht, labels, losses, causal=False):
+        return distill.distillation_loss(student, eye, teacher, eye, hs, ht, attention, labels, losses, causal)
+
     kl_row0 = 0.25 * math.log(0.5) + 0.75 * math.log(1.5)  # KL((1/4, 3/4) || (1/2, 1/2)); row 1 matches: 0
     losses = distill.Losses(alpha_ce=0.5, alpha_mlm=2.0, alpha_clm=0.0, alpha_mse=0.1, alpha_cos=1.0,
                             temperature=1.0, restrict_ce_to_mask=False)
-    total, terms = distill.distillation_loss(student, teacher, hidden_s, hidden_t, attention, labels, losses,
-                                             causal=False)
+    total, terms = loss(hidden_s, hidden_t, labels, losses)
     expected = {"loss_ce": kl_row0 / 2, "loss_mlm": math.log(2.0), "loss_mse": ln3 ** 2 / 2,
                 "loss_cos": (1 - 1 / math.sqrt(2)) / 2}
     assert {k: v.item() for k, v in terms.items()} == pytest.approx(expected, abs=1e-6)
@@ -80,19 +89,18 @@ def test_loss_terms_hand_computed():
     assert total.item() == pytest.approx(weighted, abs=1e-6)
     # Only on the masked position: the row that differs counts alone.
     restricted = distill.Losses(0.5, 0.0, 0.0, 0.1, 0.0, 1.0, restrict_ce_to_mask=True)
-    _, terms = distill.distillation_loss(student, teacher, None, None, attention, labels, restricted, False)
+    _, terms = loss(None, None, labels, restricted)
     assert terms["loss_ce"].item() == pytest.approx(kl_row0, abs=1e-6)
     assert terms["loss_mse"].item() == pytest.approx(ln3 ** 2, abs=1e-6)
     # Temperature 2: the softened teacher (1 / (1 + sqrt 3), sqrt 3 / (1 + sqrt 3)), KL scaled by T^2 = 4.
     p = 1 / (1 + math.sqrt(3))
     kl_t2 = p * math.log(2 * p) + (1 - p) * math.log(2 * (1 - p))
     hot = distill.Losses(1.0, 0.0, 0.0, 0.0, 0.0, 2.0, restrict_ce_to_mask=True)
-    _, terms = distill.distillation_loss(student, teacher, None, None, attention, labels, hot, False)
+    _, terms = loss(None, None, labels, hot)
     assert terms["loss_ce"].item() == pytest.approx(4 * kl_t2, abs=1e-6)
     # Causal: position t predicts the token at t + 1; labels (1, 0) leave one prediction, of token 0 from row 0.
     causal = distill.Losses(0.0, 0.0, 1.0, 0.0, 0.0, 1.0, False)
-    total, terms = distill.distillation_loss(student, teacher, None, None, attention, torch.tensor([[1, 0]]),
-                                             causal, causal=True)
+    total, terms = loss(None, None, torch.tensor([[1, 0]]), causal, causal=True)
     assert terms == {"loss_clm": pytest.approx(math.log(2.0), abs=1e-6)} and total.item() == pytest.approx(
         math.log(2.0), abs=1e-6)
 
@@ -211,6 +219,28 @@ def test_cli_end_to_end_writes_every_output(mlm_setup, tmp_path):
                            init["distilbert.transformer.layer.0.ffn.lin1.weight"])
 
 
+def test_twenty_steps_end_at_the_weights_of_the_whole_logits_loss(mlm_setup, tmp_path, monkeypatch):
+    """The chunked losses train as the straightforward computation on whole logits does (test_fused_loss.py
+    compares one step term by term and gradient by gradient)."""
+    common = ["--max_steps", "20", "--batch_size", "4", "--alpha_ce", "5", "--alpha_mlm", "2", "--alpha_mse", "0.1",
+              "--alpha_cos", "1", "--loss_chunk_size", "7"]
+    distill.main(mlm_args(mlm_setup, tmp_path / "chunked", *common))
+
+    def whole_logits_step(run, teacher, chunk):
+        return reference_step(run.losses, run.causal, teacher)
+
+    monkeypatch.setattr(distill, "DistillStep", whole_logits_step)
+    distill.main(mlm_args(mlm_setup, tmp_path / "whole", *common))
+    chunked = load_file(str(tmp_path / "chunked" / "model.safetensors"))
+    whole = load_file(str(tmp_path / "whole" / "model.safetensors"))
+    init = load_file(os.path.join(mlm_setup["student"], "model.safetensors"))
+    assert chunked.keys() == whole.keys()
+    for name, w in whole.items():  # (a tensor that stays near 0, e.g. the key bias with no gradient: 1e-3)
+        assert float((chunked[name] - w).abs().max()) <= 1e-5 * max(float(w.abs().max()), 1e-3), name
+    lin = "distilbert.transformer.layer.1.ffn.lin1.weight"
+    assert float((whole[lin] - init[lin]).abs().max()) > 1e-3  # twenty steps that moved the weights
+
+
 def test_resume_gives_the_same_weights_as_an_uninterrupted_run(mlm_setup, tmp_path):
     common = ["--max_steps", "6", "--checkpoint_interval", "3", "--gradient_accumulation_steps", "2",
               "--alpha_ce", "1", "--alpha_mlm", "1", "--alpha_cos", "1"]
@@ -313,6 +343,7 @@ def gpt2_student(tiny_gpt2_dir, tmp_path_factory) -> str:
     ("other_tokenizer", "binarized with another tokenizer"),
     ("only_data", "give both --data_file and --teacher_name"),
     ("bad_word_shares", "must be >= 0 and sum to 1"),
+    ("zero_chunk", "--loss_chunk_size must be at least 1"),
     ("cos_with_other_width", "--alpha_cos compares hidden states"),
 ])
 def test_bad_inputs(case, pattern, mlm_setup, gpt2_student, tiny_gpt2_dir, lm_corpus_dir, tmp_path):
@@ -343,6 +374,8 @@ def test_bad_inputs(case, pattern, mlm_setup, gpt2_student, tiny_gpt2_dir, lm_co
         argv = ["--data_file", mlm_setup["data"], "--output_dir", str(out)]
     elif case == "bad_word_shares":
         argv = base + ["--word_mask", "0.5"]
+    elif case == "zero_chunk":
+        argv = base + ["--loss_chunk_size", "0"]
     else:
         config = json.loads((Path(mlm_setup["student"]) / "config.json").read_text())
         config.update(dim=16, hidden_dim=32)

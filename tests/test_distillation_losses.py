@@ -44,3 +44,4 @@ def test_hidden_mse_and_cosine():
     # cos((1,0),(1,1)) = 1/sqrt2; cos((0,2),(0,1)) = 1 -> mean of (1 - cos) = (1 - 1/sqrt2) / 2
     assert hidden_cosine(s, t).item() == pytest.approx((1 - 1 / math.sqrt(2)) / 2, abs=1e-6)
     assert hidden_cosine(s, t, torch.tensor([[False, True]])).item() == pytest.approx(0.0, abs=1e-6)
+    assert hidden_cosine(s, t, torch.tensor([[False, False]])).item() == 0.0

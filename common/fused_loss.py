@@ -1,0 +1,236 @@
+"""The distillation losses computed through the output projection in chunks of tokens, so that no tensor of
+vocabulary size exists for a whole micro-batch (the idea of Liger Kernel's fused linear cross-entropy and of
+Cut Cross-Entropy, written for the DistilBERT loss mix).
+
+The models run with their output projection taken out (`projection_removed`): they return the hidden states
+that would enter it. `FusedDistillationLoss` then walks over chunks of token rows; for each it makes the
+student's logits (and the teacher's, from the teacher's hidden states and projection), adds the chunk's share of
+every loss term, and at once the chunk's gradient with respect to the student's hidden states, projection weight
+and bias. The forward pass thus does the backward work of the projection; the backward pass only scales the
+stored gradients by the incoming gradient (the accumulation divisor, a grad scaler's scale).
+
+Semantics equal common.distillation's straightforward functions on full logits (tested to fp32 tolerance):
+- soft cross-entropy: KL(teacher || student) at temperature T, times T^2, averaged over the `rows` positions;
+- LM cross-entropy: averaged over positions with a target (-100: none); a causal LM's target at t is the label
+  at t + 1 (`lm_targets`);
+- logit MSE: squared differences summed over the vocabulary, averaged over the `rows` positions.
+A term whose positions are all absent is 0 with a zero gradient. All arithmetic on logits is float32.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass
+from typing import Iterator
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+# Bytes of vocabulary-sized float32 temporaries one chunk may hold (about five rows' worth of tensors per row):
+# small enough to stay near the caches, large enough for the matrix products to run at full speed.
+CHUNK_MEMORY_TARGET = 64 * 2**20
+TENSORS_PER_ROW = 4
+
+
+@dataclass(frozen=True)
+class LossWeights:
+    """The weights of the vocabulary-sized terms (the soft cross-entropy, the LM cross-entropy, the logit MSE)
+    and the softmax temperature of the first."""
+
+    ce: float = 0.0
+    lm: float = 0.0
+    mse: float = 0.0
+    temperature: float = 1.0
+
+    @property
+    def needs_teacher(self) -> bool:
+        return self.ce > 0 or self.mse > 0
+
+
+def chunk_rows(vocab_size: int, override: int | None = None) -> int:
+    """Token rows per chunk: `override` when given, else as many as CHUNK_MEMORY_TARGET allows."""
+    if override is not None:
+        return max(1, int(override))
+    return max(1, CHUNK_MEMORY_TARGET // (TENSORS_PER_ROW * 4 * max(1, vocab_size)))
+
+
+def output_projection(model: nn.Module) -> nn.Linear:
+    """The model's output projection (the vocabulary decoder, tied to the input embeddings where the model ties
+    them), through a DistributedDataParallel wrapper."""
+    inner = model.module if isinstance(model, nn.parallel.DistributedDataParallel) else model
+    projection = inner.get_output_embeddings()
+    if not isinstance(projection, nn.Linear):
+        raise TypeError(f"{type(inner).__name__} has no linear output projection")
+    return projection
+
+
+@contextlib.contextmanager
+def projection_removed(model: nn.Module) -> Iterator[nn.Linear]:
+    """Within the block the model's output projection is an identity: its forward returns, as `logits`, the
+    hidden states that enter the projection (after any head transform). Yields the projection."""
+    projection = output_projection(model)
+    inner = model.module if isinstance(model, nn.parallel.DistributedDataParallel) else model
+    owner, name = next((m, n) for m in inner.modules() for n, child in m.named_children() if child is projection)
+    setattr(owner, name, nn.Identity())
+    try:
+        yield projection
+    finally:
+        setattr(owner, name, projection)
+
+
+def lm_targets(labels: torch.Tensor, causal: bool) -> torch.Tensor:
+    """The id each position predicts, flattened (-100: none): the label itself (masked LM), or the next
+    position's label within the same sequence (causal LM; the last position predicts nothing)."""
+    if causal:
+        labels = F.pad(labels[..., 1:], (0, 1), value=-100)
+    return labels.reshape(-1)
+
+
+def _logits(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, out: torch.Tensor,
+            scratch: torch.Tensor) -> None:
+    """out = hidden @ weight.T + bias, made as (weight @ hidden.T + bias).T in `scratch` and copied: with a short
+    chunk of rows and a long vocabulary, BLAS runs that orientation markedly faster than the copy costs."""
+    flipped = scratch.view(-1)[:out.numel()].view(out.shape[1], out.shape[0])
+    if bias is not None:
+        torch.addmm(bias[:, None], weight, hidden.t(), out=flipped)
+    else:
+        torch.mm(weight, hidden.t(), out=flipped)
+    out.copy_(flipped.t())
+
+
+class FusedDistillationLoss(torch.autograd.Function):
+    """(weighted total, soft CE, LM CE, MSE) from hidden states through the projection, chunk by chunk; only
+    the total carries a gradient."""
+
+    @staticmethod
+    def forward(ctx, hidden, weight, bias, teacher_hidden, teacher_weight, teacher_bias, rows, targets,
+                weights: LossWeights, chunk: int):
+        n, vocab = hidden.shape[0], weight.shape[0]
+        T = float(weights.temperature)
+        dev = hidden.device
+        h_all, w = hidden.float(), weight.float()
+        b_vec = bias.float() if bias is not None else None
+        # Per-row weights: each term's mean over its positions (no host sync: counts stay tensors).
+        row_w = rows.reshape(-1).float()
+        row_w = row_w / row_w.sum().clamp_min(1.0)
+        has_target = targets != -100
+        lm_w = has_target.float() / has_target.sum().clamp_min(1.0)
+        safe_targets = targets.clamp_min(0)
+
+        want_h = hidden.requires_grad
+        want_w = weight.requires_grad
+        want_b = bias is not None and bias.requires_grad
+        grad_h = torch.empty_like(h_all) if want_h else None
+        grad_w = torch.zeros_like(w) if want_w else None
+        grad_b = torch.zeros_like(b_vec) if want_b else None
+        sums = torch.zeros(3, device=dev)  # ce, lm, mse
+        want_grad = want_h or want_w or want_b
+        if weights.needs_teacher:
+            tw = teacher_weight.float()
+            tb = teacher_bias.float() if teacher_bias is not None else None
+        # One workspace of chunk x vocabulary buffers, reused by every chunk: fresh allocations this large would
+        # each cost their page faults.
+        rows_max = min(chunk, n)
+        z_buf, t_buf, a_buf, b_buf = (torch.empty(rows_max, vocab, device=dev) for _ in range(4))
+        for start in range(0, n, chunk):
+            end = min(start + chunk, n)
+            h = h_all[start:end]
+            z, t, a, b = (buf[:end - start] for buf in (z_buf, t_buf, a_buf, b_buf))
+            _logits(h, w, b_vec, z, a_buf)  # the chunk's student logits
+            if weights.needs_teacher:
+                _logits(teacher_hidden[start:end].float(), tw, tb, t, a_buf)
+            rw = row_w[start:end, None]
+            grad = None
+            if weights.mse > 0:
+                diff = torch.sub(z, t, out=a)
+                sums[2] += (diff * diff).sum(-1, keepdim=True).mul_(rw).sum()
+                if want_grad:
+                    grad = diff.mul_(rw * (2.0 * weights.mse)).clone()
+            if weights.lm > 0:
+                log_s = torch._log_softmax(z, -1, False, out=a)
+                tg = safe_targets[start:end, None]
+                lw = lm_w[start:end, None]
+                sums[1] -= log_s.gather(-1, tg).mul_(lw).sum()
+                if want_grad:  # (softmax(z) - one-hot) * weight
+                    d = log_s.exp_().mul_(lw * weights.lm)
+                    d.scatter_add_(-1, tg, lw * -weights.lm)
+                    grad = d if grad is None else grad.add_(d)
+            if weights.ce > 0:
+                log_p = torch._log_softmax(t.div_(T), -1, False, out=b)  # teacher, at temperature T
+                log_q = torch._log_softmax(z.div_(T), -1, False, out=t)  # student
+                p = torch.exp(log_p, out=z)
+                sums[0] += log_p.sub_(log_q).mul_(p).sum(-1, keepdim=True).mul_(rw).sum() * (T * T)
+                if want_grad:  # d(T^2 KL)/dz = T (softmax(z / T) - p)
+                    d = log_q.exp_().sub_(p).mul_(rw * (T * weights.ce))
+                    grad = d if grad is None else grad.add_(d)
+            if grad is not None:
+                if want_h:
+                    torch.mm(grad, w, out=grad_h[start:end])
+                if want_w:
+                    grad_w.addmm_(grad.t(), h)
+                if want_b:
+                    grad_b.add_(grad.sum(0))
+        total = weights.ce * sums[0] + weights.lm * sums[1] + weights.mse * sums[2]
+        ctx.save_for_backward(
+            grad_h.to(hidden.dtype) if grad_h is not None else None,
+            grad_w.to(weight.dtype) if grad_w is not None else None,
+            grad_b.to(bias.dtype) if grad_b is not None else None)
+        terms = sums.clone()
+        ctx.mark_non_differentiable(terms)
+        return total, terms
+
+    @staticmethod
+    def backward(ctx, grad_total, grad_terms):
+        grad_h, grad_w, grad_b = ctx.saved_tensors
+        scaled = [g * grad_total if g is not None else None for g in (grad_h, grad_w, grad_b)]
+        return (*scaled, None, None, None, None, None, None, None)
+
+
+def fused_distillation_losses(hidden: torch.Tensor, projection: nn.Linear, teacher_hidden: torch.Tensor | None,
+                              teacher_projection: nn.Linear | None, rows: torch.Tensor, targets: torch.Tensor,
+                              weights: LossWeights, chunk_size: int | None = None
+                              ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """The weighted sum of the soft cross-entropy, LM cross-entropy and logit MSE (with a gradient to the
+    student's hidden states and projection), and each term with a positive weight, unweighted ("ce", "lm",
+    "mse"). `hidden`/`teacher_hidden`: (..., H) states entering each projection; `rows`: positions of the soft
+    cross-entropy and the MSE; `targets`: the id each position predicts (`lm_targets`). The teacher side is
+    read without a gradient (it may come from torch.inference_mode)."""
+    h = hidden.reshape(-1, hidden.shape[-1])
+    if weights.needs_teacher:
+        if teacher_hidden is None or teacher_projection is None:
+            raise ValueError("the soft cross-entropy and the logit MSE need the teacher's hidden states and projection")
+        t_hidden, t_weight, t_bias = (teacher_hidden.reshape(-1, teacher_hidden.shape[-1]),
+                                      teacher_projection.weight.detach(),
+                                      None if teacher_projection.bias is None else teacher_projection.bias.detach())
+    else:
+        t_hidden = t_weight = t_bias = None
+    chunk = chunk_rows(projection.weight.shape[0], chunk_size)
+    total, sums = FusedDistillationLoss.apply(h, projection.weight, projection.bias, t_hidden, t_weight, t_bias,
+                                              rows.reshape(-1), targets.reshape(-1), weights, chunk)
+    names = (("ce", weights.ce), ("lm", weights.lm), ("mse", weights.mse))
+    return total, {name: sums[i] for i, (name, alpha) in enumerate(names) if alpha > 0}
+
+
+def token_nll(hidden: torch.Tensor, projection: nn.Linear, targets: torch.Tensor,
+              chunk_size: int | None = None) -> torch.Tensor:
+    """Each position's negative log-likelihood of its target (`lm_targets`; 0 where it has none), through the
+    projection in chunks of positions: evaluation's perplexity without whole logits. No gradient."""
+    h = hidden.reshape(-1, hidden.shape[-1]).detach().float()
+    flat = targets.reshape(-1)
+    weight = projection.weight.detach().float()
+    bias = None if projection.bias is None else projection.bias.detach().float()
+    chunk = chunk_rows(weight.shape[0], chunk_size)
+    rows = min(chunk, h.shape[0])
+    z_buf, scratch = torch.empty(rows, weight.shape[0], device=h.device), torch.empty(rows, weight.shape[0],
+                                                                                      device=h.device)
+    out = torch.zeros(h.shape[0], device=h.device)
+    with torch.no_grad():
+        for start in range(0, h.shape[0], chunk):
+            end = min(start + chunk, h.shape[0])
+            z = z_buf[:end - start]
+            _logits(h[start:end], weight, bias, z, scratch)
+            log_s = torch._log_softmax(z, -1, False, out=z)
+            tg = flat[start:end]
+            out[start:end] = -log_s.gather(-1, tg.clamp_min(0)[:, None])[:, 0] * (tg != -100)
+    return out.view(targets.shape)

@@ -1,0 +1,162 @@
+"""The chunked distillation losses (common/fused_loss.py, through scripts/distill.py's loss step) against the
+straightforward computation on whole logits: every loss term and every parameter gradient, for masked-LM and
+causal-LM students, with and without --restrict_ce_to_mask, with padding, at chunk sizes that do and do not
+divide the token count."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from transformers import (
+    BertConfig, BertForMaskedLM, DistilBertConfig, DistilBertForMaskedLM, GPT2Config, GPT2LMHeadModel,
+)
+
+import distill
+from common.distillation import hidden_cosine, hidden_mse, lm_cross_entropy, soft_cross_entropy
+from common.fused_loss import (
+    LossWeights, chunk_rows, fused_distillation_losses, lm_targets, output_projection, projection_removed,
+    token_nll,
+)
+
+VOCAB = 53
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+def reference_step(losses: distill.Losses, causal: bool, teacher: torch.nn.Module):
+    """Today's loss step before the chunking: whole logits of both models, the terms of common.distillation."""
+    def step(model, batch, state=None):
+        ids, attention, labels = batch["input_ids"], batch["attention_mask"], batch["labels"]
+        s = model(input_ids=ids, attention_mask=attention, output_hidden_states=True)
+        with torch.no_grad():
+            t = teacher(input_ids=ids, attention_mask=attention, output_hidden_states=True)
+        mask = (labels != -100) if losses.restrict_ce_to_mask else attention.bool()
+        terms = {}
+        if losses.alpha_ce > 0:
+            terms["loss_ce"] = soft_cross_entropy(s.logits, t.logits, losses.temperature, mask)
+        if losses.alpha_mlm > 0:
+            terms["loss_mlm"] = lm_cross_entropy(s.logits, labels, causal=False)
+        if losses.alpha_clm > 0:
+            terms["loss_clm"] = lm_cross_entropy(s.logits, labels, causal=True)
+        if losses.alpha_mse > 0:
+            terms["loss_mse"] = hidden_mse(s.logits, t.logits, mask) * s.logits.shape[-1]
+        if losses.alpha_cos > 0:
+            terms["loss_cos"] = hidden_cosine(s.hidden_states[-1], t.hidden_states[-1], attention)
+        weights = {"loss_ce": losses.alpha_ce, "loss_mlm": losses.alpha_mlm, "loss_clm": losses.alpha_clm,
+                   "loss_mse": losses.alpha_mse, "loss_cos": losses.alpha_cos}
+        return sum(weights[k] * v for k, v in terms.items()), terms
+    return step
+
+
+def run_of(losses: distill.Losses, causal: bool) -> distill.Run:
+    return distill.Run(output_dir="", data_file="", token_counts=None, eval_file=None, teacher_path="",
+                       teacher_type="", tokenizer_path="", student_type="", student_config=None, student_weights=None,
+                       causal=causal, losses=losses, builtin=False, resume=None)
+
+
+def tiny_pair(causal: bool) -> tuple[torch.nn.Module, torch.nn.Module]:
+    """A teacher and a smaller student sharing the vocabulary and hidden size (the cosine loss needs it)."""
+    torch.manual_seed(0)
+    if causal:
+        config = dict(vocab_size=VOCAB, n_embd=32, n_head=2, n_positions=32)
+        return GPT2LMHeadModel(GPT2Config(n_layer=2, **config)), GPT2LMHeadModel(GPT2Config(n_layer=1, **config))
+    teacher = BertForMaskedLM(BertConfig(vocab_size=VOCAB, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+                                         intermediate_size=48, max_position_embeddings=32))
+    student = DistilBertForMaskedLM(DistilBertConfig(vocab_size=VOCAB, dim=32, n_layers=1, n_heads=2, hidden_dim=48,
+                                                     max_position_embeddings=32))
+    return teacher, student
+
+
+def padded_batch(causal: bool) -> dict[str, torch.Tensor]:
+    """Three sequences of 9, 6 and 4 tokens padded to 9 (19 real tokens of 27); MLM: a few masked positions."""
+    g = torch.Generator().manual_seed(1)
+    ids = torch.randint(5, VOCAB, (3, 9), generator=g)
+    attention = (torch.arange(9)[None, :] < torch.tensor([9, 6, 4])[:, None]).long()
+    ids = ids.masked_fill(attention == 0, 0)
+    if causal:
+        labels = ids.masked_fill(attention == 0, -100)
+    else:
+        chosen = (torch.rand(3, 9, generator=g) < 0.3) & attention.bool()
+        labels = ids.masked_fill(~chosen, -100)
+    return {"input_ids": ids, "attention_mask": attention, "labels": labels}
+
+
+def grads(model: torch.nn.Module, total: torch.Tensor) -> dict[str, torch.Tensor]:
+    model.zero_grad(set_to_none=True)
+    total.backward()
+    return {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+
+def assert_close_relative(got: dict[str, torch.Tensor], want: dict[str, torch.Tensor], rel: float) -> None:
+    assert got.keys() == want.keys()
+    for name in want:
+        scale = float(want[name].abs().max())
+        err = float((got[name] - want[name]).abs().max())
+        assert err <= rel * max(scale, 1e-6), f"{name}: off by {err:.3g} of {scale:.3g}"
+
+
+@pytest.mark.parametrize("causal,restrict", [(False, False), (False, True), (True, False)])
+def test_every_term_and_gradient_equals_the_whole_logits_computation(causal, restrict):
+    teacher, student = tiny_pair(causal)
+    teacher.eval().requires_grad_(False)
+    student.eval()  # no dropout: both computations see the same network
+    losses = distill.Losses(alpha_ce=5.0, alpha_mlm=0.0 if causal else 2.0, alpha_clm=0.5 if causal else 0.0,
+                            alpha_mse=0.3, alpha_cos=1.0, temperature=2.0, restrict_ce_to_mask=restrict)
+    batch = padded_batch(causal)
+    want_total, want_terms = reference_step(losses, causal, teacher)(student, batch)
+    want_grads = grads(student, want_total)
+    assert set(want_grads) == {n for n, p in student.named_parameters() if p.requires_grad}
+    for chunk in (1, 4, 7, 27, 64, None):  # 27 tokens: 4 and 7 leave a short last chunk
+        total, terms = distill.DistillStep(run_of(losses, causal), teacher, chunk)(student, batch, None)
+        assert terms.keys() == want_terms.keys()
+        for name, value in want_terms.items():
+            assert terms[name].item() == pytest.approx(value.item(), rel=1e-5), (chunk, name)
+        assert total.item() == pytest.approx(want_total.item(), rel=1e-5)
+        assert_close_relative(grads(student, total), want_grads, 1e-5)
+    assert isinstance(output_projection(student), torch.nn.Linear)  # the projection is back in place
+
+
+def test_a_term_without_positions_is_zero_with_a_zero_gradient():
+    projection = torch.nn.Linear(4, 6)
+    hidden = torch.randn(5, 4, requires_grad=True)
+    nothing = torch.zeros(5, dtype=torch.bool)
+    total, terms = fused_distillation_losses(hidden, projection, torch.randn(5, 4), torch.nn.Linear(4, 6), nothing,
+                                             torch.full((5,), -100), LossWeights(ce=1.0, lm=1.0, mse=1.0), 2)
+    assert {k: float(v) for k, v in terms.items()} == {"ce": 0.0, "lm": 0.0, "mse": 0.0}
+    total.backward()
+    assert float(hidden.grad.abs().max()) == 0.0 and float(projection.weight.grad.abs().max()) == 0.0
+
+
+def test_helpers():
+    # A causal LM's position t predicts the label at t + 1 of its own sequence; the last predicts nothing.
+    labels = torch.tensor([[1, 2, 3], [4, 5, -100]])
+    assert lm_targets(labels, causal=True).tolist() == [2, 3, -100, 5, -100, -100]
+    assert lm_targets(labels, causal=False).tolist() == [1, 2, 3, 4, 5, -100]
+    assert chunk_rows(30522, 100) == 100
+    assert 64 <= chunk_rows(30522) <= 256 and chunk_rows(10) >= 1
+    _, student = tiny_pair(False)
+    projection = output_projection(student)
+    with projection_removed(student) as taken:
+        assert taken is projection and isinstance(student.vocab_projector, torch.nn.Identity)
+        out = student(input_ids=torch.tensor([[5, 6, 7]]))
+        assert out.logits.shape == (1, 3, 32)  # the states entering the projection
+    assert student.vocab_projector is projection
+
+
+@pytest.mark.parametrize("causal", [False, True])
+def test_token_nll_equals_the_log_softmax_of_whole_logits(causal):
+    _, model = tiny_pair(causal)
+    model.eval()
+    batch = padded_batch(causal)
+    with torch.no_grad():
+        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+        with projection_removed(model) as projection:
+            features = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+    labels = batch["labels"]
+    if causal:
+        logits, labels = logits[:, :-1], labels[:, 1:]
+    picked = torch.log_softmax(logits, -1).gather(-1, labels.clamp_min(0)[..., None])[..., 0]
+    want = -(picked * (labels != -100)).sum(-1)
+    targets = lm_targets(batch["labels"], causal).view_as(batch["labels"])
+    for chunk in (5, None):
+        got = token_nll(features, projection, targets, chunk).sum(-1)
+        assert torch.allclose(got, want, rtol=1e-5, atol=1e-6)
