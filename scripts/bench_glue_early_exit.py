@@ -71,7 +71,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--task_name", default="sst-2", help="GLUE task: " + ", ".join(glue.TASKS))
     parser.add_argument("--output_dir", default=os.path.join("runs", "bench-glue"),
                         help="Where the data subset, the models, the runs' outputs and bench_results.json go.")
-    parser.add_argument("--train_examples", default=4500, type=int,
+    parser.add_argument("--train_examples", default=2500, type=int,
                         help="Train rows to sample (fixed seed) from the train file, the calibration rows included; "
                              "0 or more than it has: all.")
     parser.add_argument("--calibration_examples", default=500, type=int,
@@ -226,9 +226,12 @@ def variant_flags(args: argparse.Namespace, variant: str) -> list[str]:
     }[variant]
 
 
-def fine_tune(args: argparse.Namespace, data_dir: str, out: str, train_rows: int, variant: str) -> dict[str, Any]:
+def fine_tune(args: argparse.Namespace, data_dir: str, out: str, train_rows: int, variant: str,
+              shared_stage_one: str | None = None) -> dict[str, Any]:
     """One variant's training run, the calibration rows held out and the threshold chosen on them; its record
-    is kept as fine_tune.json in the model folder (for --reuse_models)."""
+    is kept as fine_tune.json in the model folder (for --reuse_models). A two-stage run saves its last stage-one
+    checkpoint; `shared_stage_one` (such a run's folder) makes another two-stage run resume from it instead of
+    training the same stage one again (same seed, rows and flags: the same weights) and only train stage two."""
     record_file = os.path.join(out, "fine_tune.json")
     if args.reuse_models:
         if not os.path.isfile(record_file):
@@ -236,14 +239,17 @@ def fine_tune(args: argparse.Namespace, data_dir: str, out: str, train_rows: int
         with open(record_file, encoding="utf-8") as f:
             return {**json.load(f), "reused": True}
     steps = stage_steps(args, train_rows - args.calibration_examples)
+    resume = ["--resume_from_checkpoint", os.path.join(shared_stage_one, f"checkpoint-stage1-{steps:06d}")
+              ] if shared_stage_one else []
     flags = [*common_flags(args, data_dir), "--num_train_epochs", str(args.num_train_epochs),
              "--warmup_steps", str(int(args.warmup_proportion * steps)),
              "--per_gpu_train_batch_size", str(args.train_batch_size), "--per_gpu_eval_batch_size", "32",
              "--output_dir", out, "--overwrite_output_dir", "--learning_rate", str(args.learning_rate),
-             "--save_steps", "0", "--max_metric_drop", str(args.max_metric_drop),
-             "--calibration_examples", str(args.calibration_examples), *variant_flags(args, variant)]
+             "--save_steps", str(steps if variant.startswith("two_stage") else 0),
+             "--max_metric_drop", str(args.max_metric_drop), "--calibration_examples", str(args.calibration_examples),
+             *variant_flags(args, variant), *resume]
     results, seconds = timed_main(args, ["--do_train", "--model_name_or_path", args.model_name_or_path, *flags])
-    record = {"variant": variant, "output_dir": out, "flags": variant_flags(args, variant),
+    record = {"variant": variant, "output_dir": out, "flags": variant_flags(args, variant) + resume,
               "train": dict(results["train"]), "chosen_threshold": results["chosen_threshold"],
               "run_seconds": seconds}
     write_json_atomic(record_file, record)
@@ -547,8 +553,11 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     print(f"Wrote {bench['data']['train_rows']} train rows and the dev file(s) to {data_dir}", flush=True)
 
     t0 = time.perf_counter()
-    bench["fine_tune"] = {v: fine_tune(args, data_dir, os.path.join(out, f"model-{v}"), bench["data"]["train_rows"], v)
-                          for v in args.variants}
+    bench["fine_tune"] = {}
+    for v in args.variants:
+        shared = bench["fine_tune"].get("two_stage") if v.startswith("two_stage_") else None
+        bench["fine_tune"][v] = fine_tune(args, data_dir, os.path.join(out, f"model-{v}"), bench["data"]["train_rows"],
+                                          v, shared["output_dir"] if shared else None)
     wall["fine_tune"] = time.perf_counter() - t0
 
     bench["throughput"] = []
