@@ -437,7 +437,7 @@ def test_regression_joint_chooses_a_patience(tiny_bert_dir, stsb_dir, tmp_path):
                                     "--training_scheme", "joint", "--max_steps", "2", "--max_metric_drop", "0.5",
                                     "--calibration_examples", "8"))
     choice = results["chosen_threshold"]
-    assert choice["criterion"] == "patience" and choice["metric"] == "corr"
+    assert choice["criterion"] == "patience" and choice["metric"] == "spearmanr"  # STS-B's primary metric
     assert [p["rule"] for p in results["eval"]["sts-b"]["early_exit"]] == [f"patience={choice['threshold']}"]
 
 
@@ -451,3 +451,25 @@ def test_regression_joint_chooses_a_patience(tiny_bert_dir, stsb_dir, tmp_path):
 def test_early_exit_training_flag_problems(flags, pattern, tiny_bert_dir, sst2_dir, tmp_path):
     with pytest.raises(UserError, match=pattern):
         script.main(glue_args(tiny_bert_dir, sst2_dir, tmp_path / "o", "sst-2", "--do_train", *flags))
+
+
+def test_torchrun_joint_training_chooses_the_same_threshold_as_one_process(tiny_bert_dir, sst2_dir, tmp_path):
+    """Gloo, 2 processes: joint training with self-distillation runs under DDP, and the threshold chosen on the
+    calibration rows (gathered from both ranks) equals the single-process choice for the same model."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", SCRIPT]
+    out = tmp_path / "ddp-joint"
+    budget = ["--max_metric_drop", "0.1", "--calibration_examples", "31"]
+    proc = subprocess.run(torchrun + glue_args(tiny_bert_dir, sst2_dir, out, "sst-2", "--do_train",
+                                               "--training_scheme", "joint", "--self_distillation", "--max_steps",
+                                               "2", "--save_steps", "2", *budget),
+                          capture_output=True, text=True, env=env, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert (out / "checkpoint-joint-000002" / "rng_state_1.pt").is_file()
+    ddp_choice = json.loads((out / "early_exit.json").read_text())
+    single = script.main(["--model_name_or_path", str(out), "--data_dir", sst2_dir, "--task_name", "sst-2",
+                          "--output_dir", str(tmp_path / "single"), "--max_seq_length", "32", "--seed", "7",
+                          "--per_gpu_eval_batch_size", "4", "--do_eval", *budget])["chosen_threshold"]
+    assert ddp_choice["calibration_examples"] == single["calibration_examples"] == 31
+    assert ddp_choice["threshold"] == single["threshold"]
+    assert ddp_choice["calibration_metric"] == pytest.approx(single["calibration_metric"])

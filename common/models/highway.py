@@ -46,9 +46,10 @@ HEAD, OFF_RAMPS, JOINT = "head", "off_ramps", "joint"
 
 
 def entropy(logits: torch.Tensor) -> torch.Tensor:
-    """Entropy (nats) of softmax(logits) per row, computed stably: logsumexp(x) - sum(softmax(x) * x)."""
-    logits = logits.float()
-    return torch.logsumexp(logits, dim=-1) - (torch.softmax(logits, dim=-1) * logits).sum(dim=-1)
+    """Entropy (nats) of softmax(logits) per row, -sum(p * log p) from a stable log-softmax (few kernels: early
+    exit computes it after every layer)."""
+    log_p = torch.log_softmax(logits.float(), dim=-1)
+    return -(log_p.exp() * log_p).sum(dim=-1)
 
 
 class OffRamp(nn.Module):
@@ -61,8 +62,12 @@ class OffRamp(nn.Module):
         self.classifier = nn.Linear(hidden_size, num_labels)
 
     def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
-        pooled = torch.tanh(self.pooler(hidden_states[:, 0]))
-        return self.classifier(self.dropout(pooled))
+        # The linear layers as functions and dropout only in training: early exit runs this after every layer,
+        # where each module call's overhead counts at batch size 1.
+        pooled = torch.tanh(nn.functional.linear(hidden_states[:, 0], self.pooler.weight, self.pooler.bias))
+        if self.training:
+            pooled = self.dropout(pooled)
+        return nn.functional.linear(pooled, self.classifier.weight, self.classifier.bias)
 
 
 # ----------------------------------------------------------------------------------------------------------
