@@ -171,15 +171,27 @@ def test_torchrun_two_processes_match_one(trained_bert, tiny_bert_dir, sst2_dir,
     assert [p["exit_histogram"] for p in ddp["early_exit"]] == [p["exit_histogram"] for p in single["early_exit"]]
     assert [p["metrics"] for p in ddp["early_exit"]] == [p["metrics"] for p in single["early_exit"]]
 
+    # Training under DDP (two-stage DDP equals one process: tests/test_ddp_training.py): PABEE's joint scheme
+    # with self-distillation, and the threshold chosen on calibration rows gathered from both ranks equals the
+    # one a single process chooses for the same model.
     out = tmp_path / "ddp-train"
+    budget = ["--max_metric_drop", "0.1", "--calibration_examples", "31"]
     proc = subprocess.run(torchrun + glue_args(tiny_bert_dir, sst2_dir, out, "sst-2", "--do_train", "--do_eval",
-                                               "--max_steps", "3", "--save_steps", "3"),
+                                               "--max_steps", "3", "--save_steps", "3", "--training_scheme", "joint",
+                                               "--self_distillation", *budget),
                           capture_output=True, text=True, env=env, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    assert (out / "checkpoint-stage2-000003" / "rng_state_1.pt").is_file()  # every rank's RNG is kept
-    state = json.loads((out / "checkpoint-stage1-000003" / "trainer_state.json").read_text())
+    assert (out / "checkpoint-joint-000003" / "rng_state_1.pt").is_file()  # every rank's RNG is kept
+    state = json.loads((out / "checkpoint-joint-000003" / "trainer_state.json").read_text())
     assert state["global_step"] == 3
     assert json.loads((out / "eval_results.json").read_text())["eval"]["sst-2"]["num_examples"] == 48
+    ddp_choice = json.loads((out / "early_exit.json").read_text())
+    one = script.main(["--model_name_or_path", str(out), "--data_dir", sst2_dir, "--task_name", "sst-2",
+                       "--output_dir", str(tmp_path / "one"), "--max_seq_length", "32", "--seed", "7",
+                       "--per_gpu_eval_batch_size", "4", "--do_eval", *budget])["chosen_threshold"]
+    assert ddp_choice["calibration_examples"] == one["calibration_examples"] == 31
+    assert ddp_choice["threshold"] == one["threshold"]
+    assert ddp_choice["calibration_metric"] == pytest.approx(one["calibration_metric"])
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -451,25 +463,3 @@ def test_regression_joint_chooses_a_patience(tiny_bert_dir, stsb_dir, tmp_path):
 def test_early_exit_training_flag_problems(flags, pattern, tiny_bert_dir, sst2_dir, tmp_path):
     with pytest.raises(UserError, match=pattern):
         script.main(glue_args(tiny_bert_dir, sst2_dir, tmp_path / "o", "sst-2", "--do_train", *flags))
-
-
-def test_torchrun_joint_training_chooses_the_same_threshold_as_one_process(tiny_bert_dir, sst2_dir, tmp_path):
-    """Gloo, 2 processes: joint training with self-distillation runs under DDP, and the threshold chosen on the
-    calibration rows (gathered from both ranks) equals the single-process choice for the same model."""
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
-    torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", SCRIPT]
-    out = tmp_path / "ddp-joint"
-    budget = ["--max_metric_drop", "0.1", "--calibration_examples", "31"]
-    proc = subprocess.run(torchrun + glue_args(tiny_bert_dir, sst2_dir, out, "sst-2", "--do_train",
-                                               "--training_scheme", "joint", "--self_distillation", "--max_steps",
-                                               "2", "--save_steps", "2", *budget),
-                          capture_output=True, text=True, env=env, timeout=300)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    assert (out / "checkpoint-joint-000002" / "rng_state_1.pt").is_file()
-    ddp_choice = json.loads((out / "early_exit.json").read_text())
-    single = script.main(["--model_name_or_path", str(out), "--data_dir", sst2_dir, "--task_name", "sst-2",
-                          "--output_dir", str(tmp_path / "single"), "--max_seq_length", "32", "--seed", "7",
-                          "--per_gpu_eval_batch_size", "4", "--do_eval", *budget])["chosen_threshold"]
-    assert ddp_choice["calibration_examples"] == single["calibration_examples"] == 31
-    assert ddp_choice["threshold"] == single["threshold"]
-    assert ddp_choice["calibration_metric"] == pytest.approx(single["calibration_metric"])
