@@ -422,38 +422,43 @@ def time_overhead(model: EarlyExitModel, data: list[dict[str, torch.Tensor]], re
             "overhead": seconds[True] / seconds[False] - 1.0, "passes_each": repeats}
 
 
-def evaluate_variant(args: argparse.Namespace, data_dir: str, run: dict[str, Any], timed: bool) -> dict[str, Any]:
-    """Metrics on the whole dev set; then, under the lock, the timings at each eval batch size."""
+@dataclass
+class Loaded:
+    """A trained variant ready to measure: its model, its chosen rule, and the dev features of each task."""
+
+    model: EarlyExitModel
+    chosen: ExitRule
+    features: dict[str, dict[str, torch.Tensor]]
+
+
+def load_variant(args: argparse.Namespace, data_dir: str, run: dict[str, Any]) -> Loaded:
     model = EarlyExitModel.from_pretrained(run["output_dir"]).eval()
     tokenizer = load_tokenizer(run["output_dir"], do_lower_case=args.do_lower_case)
-    choice = load_choice(run["output_dir"])
-    chosen = rule_from_choice(choice, False, 0.1)
+    chosen = rule_from_choice(load_choice(run["output_dir"]), False, 0.1)
+    return Loaded(model, chosen, {t: dev_features(args, data_dir, tokenizer, t) for t in eval_tasks(args.task_name)})
+
+
+def time_variant(args: argparse.Namespace, loaded: Loaded, timed: bool) -> dict[str, Any]:
+    """Per task and eval batch size: the plain model against the timed rules (all, or the chosen one alone)."""
+    timed_rules = [EntropyExit(e) for e in args.timed_entropy] + [PatienceExit(p) for p in args.timed_patience]
+    rules = list(dict.fromkeys([*(timed_rules if timed else []), loaded.chosen]))
     out: dict[str, Any] = {}
-    for task in eval_tasks(args.task_name):
-        features = dev_features(args, data_dir, tokenizer, task)
-        result = {"accuracy": accuracy(args, model, features, task, chosen), "timing": {}}
-        timed_rules = [EntropyExit(e) for e in args.timed_entropy] + [PatienceExit(p) for p in args.timed_patience]
-        rules = list(dict.fromkeys([*(timed_rules if timed else []), chosen]))
-        with timing_lock(args.timing_lock):
-            for bs in args.eval_batch_sizes:
-                data = batches(features, bs, args.timing_examples)
-                result["timing"][str(bs)] = {"rows": sum(len(b["input_ids"]) for b in data),
-                                             "load_before": load_average(), **time_rules(model, data, rules),
-                                             "load_after": load_average()}
-        out[task] = result
+    for task, features in loaded.features.items():
+        out[task] = {}
+        for bs in args.eval_batch_sizes:
+            data = batches(features, bs, args.timing_examples)
+            out[task][str(bs)] = {"rows": sum(len(b["input_ids"]) for b in data), "load_before": load_average(),
+                                  **time_rules(loaded.model, data, rules), "load_after": load_average()}
     return out
 
 
-def overhead(args: argparse.Namespace, data_dir: str, model_dir: str) -> dict[str, Any]:
-    model = EarlyExitModel.from_pretrained(model_dir).eval()
-    tokenizer = load_tokenizer(model_dir, do_lower_case=args.do_lower_case)
-    features = dev_features(args, data_dir, tokenizer, eval_tasks(args.task_name)[0])
+def overhead(args: argparse.Namespace, loaded: Loaded) -> dict[str, Any]:
+    features = next(iter(loaded.features.values()))
     out = {}
-    with timing_lock(args.timing_lock):
-        for bs in args.eval_batch_sizes:
-            data = batches(features, bs, args.timing_examples)
-            out[str(bs)] = {"rows": sum(len(b["input_ids"]) for b in data), "load_before": load_average(),
-                            **time_overhead(model, data, args.overhead_repeats), "load_after": load_average()}
+    for bs in args.eval_batch_sizes:
+        data = batches(features, bs, args.timing_examples)
+        out[str(bs)] = {"rows": sum(len(b["input_ids"]) for b in data), "load_before": load_average(),
+                        **time_overhead(loaded.model, data, args.overhead_repeats), "load_after": load_average()}
     return out
 
 
@@ -568,10 +573,16 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     wall["throughput"] = time.perf_counter() - t0
 
     t0 = time.perf_counter()
-    bench["eval"] = {v: evaluate_variant(args, data_dir, bench["fine_tune"][v], v in args.timed_variants)
-                     for v in args.variants}
-    bench["overhead_model"] = args.variants[-1]
-    bench["overhead"] = overhead(args, data_dir, bench["fine_tune"][args.variants[-1]]["output_dir"])
+    # Accuracy first (nothing timed), then every timing in one hold of the lock.
+    loaded = {v: load_variant(args, data_dir, bench["fine_tune"][v]) for v in args.variants}
+    bench["eval"] = {v: {task: {"accuracy": accuracy(args, one.model, features, task, one.chosen)}
+                         for task, features in one.features.items()} for v, one in loaded.items()}
+    with timing_lock(args.timing_lock):
+        for v, one in loaded.items():
+            for task, timing in time_variant(args, one, v in args.timed_variants).items():
+                bench["eval"][v][task]["timing"] = timing
+        bench["overhead_model"] = args.variants[-1]
+        bench["overhead"] = overhead(args, loaded[args.variants[-1]])
     wall["eval"] = time.perf_counter() - t0
     return write_record(out, bench, wall, start, report, load_before)
 
