@@ -1,38 +1,47 @@
 #!/usr/bin/env python
-"""Benchmark DeeBERT early exit on a real GLUE task (`make bench`): accuracy against speed, and training speed.
+"""Benchmark early exit on a real GLUE task (`make bench-glue`): accuracy against measured speed, per scheme.
 
-Runs scripts/run_glue_early_exit.py, each time in a fresh process, several times:
+1. Samples a fixed-seed subset of the train file (written as a GLUE-format train.tsv, with a copy of the dev
+   file, into <output_dir>/data/).
+2. Fine-tunes one model per --variants with scripts/run_glue_early_exit.py, each in a fresh process (no bench
+   lock needed: nothing is timed there): `two_stage` (DeeBERT, off-ramps at the fine-tuning rate),
+   `two_stage_ramp_lr` (stage two at --off_ramp_learning_rate), `joint` (PABEE's joint training), and
+   `joint_distill` (joint + FastBERT self-distillation). Every run holds --calibration_examples rows out of its
+   training and chooses the entropy threshold for --max_metric_drop on them (early_exit.json).
+3. Per model, one pass over the whole dev set gives every exit's logits: the metric of each exit layer and,
+   replayed with each rule's own decisions (common.early_exit.replay_exits, the same per-row decisions as the
+   batched early exit at any batch size), the metric, average exit layer and layers saved of every entropy and
+   patience threshold and of the chosen one.
+4. Timing, under --timing_lock when given (one benchmark at a time on a shared machine): per timed model and
+   --eval_batch_sizes, wall time of the plain model (every layer, the stock forward) and of early exit under
+   --timed_entropy / --timed_patience / the chosen threshold, on the first --timing_examples dev rows, in one
+   mirrored order (plain, r1 .. rk, rk .. r1, plain: ABBA for every rule at once, so a drifting load hits all
+   alike); speed-up = plain seconds / rule seconds. And the early-exit machinery's own cost: the plain model
+   against early exit with a rule that checks every off-ramp and never fires, --overhead_repeats ABBA rounds.
+5. Optionally (--throughput_steps > 0) stage-one training throughput with fixed and dynamic padding, ABBA.
 
-1. fine-tunes the model with DeeBERT's two stages on a fixed-seed subset of the train file (written as a
-   GLUE-format train.tsv, with a copy of the dev file, into <output_dir>/data/); stage two (the off-ramps)
-   at its own, larger --stage2_learning_rate (the script's --off_ramp_learning_rate);
-2. evaluates it on the whole dev set at each --eval_batch_sizes with an entropy sweep: metric, average exit
-   layer, fraction of layer computations saved, wall time and speed-up over running all layers (plus the
-   metric of every exit layer, once);
-3. measures stage-one training throughput (examples/s) with every batch padded to --max_seq_length and with
-   per-batch dynamic padding: short --throughput_steps runs on the same subset, --throughput_repeats of each
-   in ABBA order (fixed, dynamic, dynamic, fixed, ...) so that a load that drifts during the runs hits both
-   alike; each mode's figure is its examples over its seconds, summed over its runs.
-
-Prints a table and writes everything, with the environment, to <output_dir>/bench_results.json.
+Prints a table and writes everything, with the environment and the load, to <output_dir>/bench_results.json.
 
     python scripts/bench_glue_early_exit.py --model_name_or_path <all-MiniLM-L6-v2 folder> \\
-        --data_dir ../shared/data/glue/SST-2 --task_name sst-2 --output_dir runs/bench-glue
+        --data_dir ../shared/data/glue/SST-2 --task_name sst-2 --output_dir runs/bench-glue \\
+        --timing_lock /work/bench.lock
 
-Timings are single measurements on whatever else the machine is doing (no repeats, no confidence interval;
-the load average before and after is recorded); the evaluation warms the model up on one batch before its
-timed passes, the training runs do not. torch runs one thread unless --torch_threads says otherwise.
+torch runs one thread unless --torch_threads says otherwise.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
+import fcntl
+import json
 import os
 import random
 import shutil
 import sys
 import time
-from typing import Any, Sequence
+from dataclasses import dataclass
+from typing import Any, Iterator, Sequence
 
 from common.args import answering_help
 from common.bench import abba_order, bench_parser, format_table, load_average, new_record, run_script, write_record
@@ -42,16 +51,20 @@ from common.errors import UserError, run_cli
 if not answering_help(__name__):  # -h/--help answers at once: argparse needs none of what follows
     import torch
 
-    from common.batches import epoch_batches
+    from common.batches import TensorBatches, epoch_batches
     from common.data import glue
     from common.data.glue import eval_tasks
     from common.distributed import DistContext
+    from common.early_exit import load_choice, replay_exits, rule_from_choice
+    from common.io import write_json_atomic, write_text_atomic
     from common.loaders import load_tokenizer
-    from common.io import write_text_atomic
+    from common.models.highway import EarlyExitModel, EntropyExit, ExitRule, NeverFires, PatienceExit
     from common.training import TrainConfig, plan_for_examples
 
 SCRIPT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "run_glue_early_exit.py")
-DEFAULT_ENTROPIES = (0.0, 0.05, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6)
+DEFAULT_ENTROPIES = (0.05, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.65)
+DEFAULT_PATIENCES = (1, 2, 3, 4)
+VARIANTS = ("two_stage", "two_stage_ramp_lr", "joint", "joint_distill")
 
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
@@ -60,24 +73,49 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--task_name", default="sst-2", help="GLUE task: " + ", ".join(TASKS))
     parser.add_argument("--output_dir", default=os.path.join("runs", "bench-glue"),
                         help="Where the data subset, the models, the runs' outputs and bench_results.json go.")
-    parser.add_argument("--train_examples", default=8000, type=int,
-                        help="Train rows to sample (fixed seed) from the train file; 0 or more than it has: all.")
-    parser.add_argument("--max_seq_length", default=64, type=int, help="Longest tokenized input; longer is cut.")
+    parser.add_argument("--train_examples", default=2500, type=int,
+                        help="Train rows to sample (fixed seed) from the train file, the calibration rows included; "
+                             "0 or more than it has: all.")
+    parser.add_argument("--calibration_examples", default=500, type=int,
+                        help="Rows of that sample held out of training to choose the threshold on.")
+    parser.add_argument("--max_metric_drop", default=0.01, type=float,
+                        help="The accuracy budget the threshold is chosen for (0.01: one point).")
+    parser.add_argument("--max_seq_length", default=128, type=int, help="Longest tokenized input; longer is cut.")
     parser.add_argument("--num_train_epochs", default=1.0, type=float, help="Epochs of each training stage.")
-    parser.add_argument("--learning_rate", default=5e-5, type=float, help="Peak AdamW learning rate.")
-    parser.add_argument("--stage2_learning_rate", default=2e-3, type=float,
-                        help="Peak learning rate of stage two (the off-ramps, trained from scratch on the frozen "
-                             "backbone: one short epoch at the fine-tuning rate leaves them near chance). 0: the "
-                             "same as --learning_rate, in one run.")
+    parser.add_argument("--learning_rate", default=1e-4, type=float, help="Peak AdamW learning rate.")
+    parser.add_argument("--off_ramp_learning_rate", "--stage2_learning_rate", default=2e-3, type=float,
+                        help="The off-ramps' learning rate in the two_stage_ramp_lr variant (fresh heads on a frozen "
+                             "backbone: one short epoch at the fine-tuning rate leaves them near chance).")
+    parser.add_argument("--self_distillation_weight", default=0.5, type=float,
+                        help="run_glue_early_exit.py's --self_distillation_weight in the *_distill variants.")
+    parser.add_argument("--variants", nargs="+", choices=VARIANTS, default=list(VARIANTS),
+                        help="Which training schemes to fine-tune and evaluate.")
+    parser.add_argument("--timed_variants", nargs="*", choices=VARIANTS, default=list(VARIANTS[:3]),
+                        help="Which of them get the wall-clock sweep (the others: the chosen threshold only).")
     parser.add_argument("--warmup_proportion", default=0.1, type=float,
-                        help="Fraction of each fine-tuning stage's steps spent warming the learning rate up.")
-    parser.add_argument("--train_batch_size", default=32, type=int,
+                        help="Fraction of each stage's steps spent warming the learning rate up.")
+    parser.add_argument("--train_batch_size", default=16, type=int,
                         help="Training batch size (fine-tuning and the throughput runs).")
     parser.add_argument("--eval_batch_sizes", nargs="+", type=int, default=[1, 32],
-                        help="Evaluation batch sizes; the early-exit sweep runs at each.")
+                        help="Evaluation batch sizes the timings run at.")
     parser.add_argument("--early_exit_entropy", nargs="+", type=float, default=list(DEFAULT_ENTROPIES),
-                        help="Entropy thresholds to sweep (0 never exits, but still pays for the off-ramps).")
-    parser.add_argument("--throughput_steps", default=20, type=int,
+                        help="Entropy thresholds whose metric and exit layers are reported.")
+    parser.add_argument("--patience", nargs="+", type=int, default=list(DEFAULT_PATIENCES),
+                        help="Patience values whose metric and exit layers are reported.")
+    parser.add_argument("--timed_entropy", nargs="*", type=float, default=[0.1, 0.3, 0.5, 0.6],
+                        help="Entropy thresholds that are also timed.")
+    parser.add_argument("--timed_patience", nargs="*", type=int, default=[1, 2],
+                        help="Patience values that are also timed.")
+    parser.add_argument("--timing_examples", default=192, type=int,
+                        help="Dev rows (the first ones) each timed pass runs over; 0: all.")
+    parser.add_argument("--overhead_repeats", default=3, type=int,
+                        help="ABBA rounds of the plain model against early exit that never fires.")
+    parser.add_argument("--reuse_models", action="store_true",
+                        help="Evaluate and time the models a previous run of this bench left in --output_dir (each "
+                             "model folder's fine_tune.json) instead of training them again.")
+    parser.add_argument("--timing_lock", default=None,
+                        help="A file to hold an exclusive lock on (flock) while timing, e.g. /work/bench.lock.")
+    parser.add_argument("--throughput_steps", default=0, type=int,
                         help="Optimizer steps of each training-throughput run (0: skip those runs).")
     parser.add_argument("--throughput_repeats", default=2, type=int,
                         help="Throughput runs per padding mode, in ABBA order.")
@@ -91,11 +129,14 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     args = parser.parse_args(argv)
     minimums = {"train_examples": (0, "0 means the whole train file"), "throughput_repeats": (1, ""),
                 "throughput_steps": (0, "0 skips the throughput runs"), "torch_threads": (0, "0: torch's default"),
-                "stage2_learning_rate": (0, "0: the same as --learning_rate"), "train_batch_size": (1, "")}
+                "off_ramp_learning_rate": (0, ""), "train_batch_size": (1, ""), "calibration_examples": (1, ""),
+                "timing_examples": (0, "0: the whole dev set"), "overhead_repeats": (1, "")}
     problems = [f"--{name} must be at least {low}" + (f" ({hint})" if hint else "")
                 for name, (low, hint) in minimums.items() if getattr(args, name) < low]
     if any(b < 1 for b in args.eval_batch_sizes):
         problems.append("--eval_batch_sizes must all be at least 1")
+    if not set(args.timed_variants) <= set(args.variants):
+        problems.append("--timed_variants must be among --variants")
     try:
         args.task_name = glue.canonical_task_name(args.task_name)
         if glue.get_task(args.task_name).is_regression:
@@ -153,6 +194,10 @@ def write_subset(args: argparse.Namespace, dest: str) -> dict[str, Any]:
 # runs
 
 
+# ----------------------------------------------------------------------------------------------------------
+# training runs
+
+
 def common_flags(args: argparse.Namespace, data_dir: str) -> list[str]:
     flags = ["--task_name", args.task_name, "--data_dir", data_dir, "--max_seq_length", str(args.max_seq_length),
              "--seed", str(args.seed)]
@@ -172,19 +217,45 @@ def stage_steps(args: argparse.Namespace, train_rows: int) -> int:
     return plan_for_examples(train_rows, cfg).total_steps
 
 
-def fine_tune(args: argparse.Namespace, data_dir: str, out: str, train_rows: int) -> dict[str, Any]:
-    """DeeBERT's two stages, stage two (the off-ramps) at --stage2_learning_rate (run_glue_early_exit.py's
-    --off_ramp_learning_rate) when that is not 0."""
-    steps = stage_steps(args, train_rows)
-    stage2_lr = args.stage2_learning_rate or args.learning_rate
+def variant_flags(args: argparse.Namespace, variant: str) -> list[str]:
+    """What sets a variant apart on run_glue_early_exit.py's command line."""
+    return {
+        "two_stage": [],
+        "two_stage_ramp_lr": ["--off_ramp_learning_rate", f"{args.off_ramp_learning_rate:g}"],
+        "joint": ["--training_scheme", "joint"],
+        "joint_distill": ["--training_scheme", "joint", "--self_distillation", "--self_distillation_weight",
+                          f"{args.self_distillation_weight:g}"],
+    }[variant]
+
+
+def fine_tune(args: argparse.Namespace, data_dir: str, out: str, train_rows: int, variant: str,
+              shared_stage_one: str | None = None) -> dict[str, Any]:
+    """One variant's training run, the calibration rows held out and the threshold chosen on them; its record
+    is kept as fine_tune.json in the model folder (for --reuse_models). A two-stage run saves its last stage-one
+    checkpoint; `shared_stage_one` (such a run's folder) makes another two-stage run resume from it instead of
+    training the same stage one again (same seed, rows and flags: the same weights) and only train stage two."""
+    record_file = os.path.join(out, "fine_tune.json")
+    if args.reuse_models:
+        if not os.path.isfile(record_file):
+            raise UserError(f"--reuse_models: {record_file} not found; run the bench without it first")
+        with open(record_file, encoding="utf-8") as f:
+            return {**json.load(f), "reused": True}
+    steps = stage_steps(args, train_rows - args.calibration_examples)
+    resume = ["--resume_from_checkpoint", os.path.join(shared_stage_one, f"checkpoint-stage1-{steps:06d}")
+              ] if shared_stage_one else []
     flags = [*common_flags(args, data_dir), "--num_train_epochs", str(args.num_train_epochs),
              "--warmup_steps", str(int(args.warmup_proportion * steps)),
-             "--per_gpu_train_batch_size", str(args.train_batch_size), "--output_dir", out, "--overwrite_output_dir"]
-    results, seconds = timed_main(args, ["--do_train", "--model_name_or_path", args.model_name_or_path, *flags,
-                                         "--learning_rate", str(args.learning_rate),
-                                         "--off_ramp_learning_rate", str(stage2_lr), "--save_steps", "0"])
-    return {"output_dir": out, "stage1_learning_rate": args.learning_rate, "stage2_learning_rate": stage2_lr,
-            "train": dict(results["train"]), "run_seconds": [seconds]}
+             "--per_gpu_train_batch_size", str(args.train_batch_size), "--per_gpu_eval_batch_size", "32",
+             "--output_dir", out, "--overwrite_output_dir", "--learning_rate", str(args.learning_rate),
+             "--save_steps", str(steps if variant.startswith("two_stage") else 0),
+             "--max_metric_drop", str(args.max_metric_drop), "--calibration_examples", str(args.calibration_examples),
+             *variant_flags(args, variant), *resume]
+    results, seconds = timed_main(args, ["--do_train", "--model_name_or_path", args.model_name_or_path, *flags])
+    record = {"variant": variant, "output_dir": out, "flags": variant_flags(args, variant) + resume,
+              "train": dict(results["train"]), "chosen_threshold": results["chosen_threshold"],
+              "run_seconds": seconds}
+    write_json_atomic(record_file, record)
+    return record
 
 
 def throughput_run(args: argparse.Namespace, data_dir: str, out: str, dynamic: bool) -> dict[str, Any]:
@@ -241,75 +312,220 @@ def padding_stats(args: argparse.Namespace, data_dir: str) -> dict[str, Any]:
             "dynamic_over_fixed": dynamic / args.max_seq_length}
 
 
-def evaluate(args: argparse.Namespace, data_dir: str, model_dir: str, out: str, batch_size: int,
-             each_highway: bool) -> tuple[dict[str, Any], float]:
-    argv = ["--do_eval", "--model_name_or_path", model_dir, "--output_dir", out, *common_flags(args, data_dir),
-            "--per_gpu_eval_batch_size", str(batch_size),
-            "--early_exit_entropy", *(f"{e:g}" for e in args.early_exit_entropy)]
-    return timed_main(args, argv + (["--eval_each_highway"] if each_highway else []))
+# ----------------------------------------------------------------------------------------------------------
+# accuracy (replayed from every exit's logits) and timing
+
+
+def dev_features(args: argparse.Namespace, data_dir: str, tokenizer: Any, task: str) -> dict[str, torch.Tensor]:
+    return glue.featurize(glue.read_examples(task, data_dir, "dev"), tokenizer, task, args.max_seq_length)
+
+
+def batches(features: dict[str, torch.Tensor], batch_size: int, rows: int) -> list[dict[str, torch.Tensor]]:
+    """The first `rows` dev rows (all when 0) in order, each batch trimmed to its longest row (as evaluation)."""
+    source = TensorBatches(features, batch_size)
+    count = min(rows, source.num_examples) if rows > 0 else source.num_examples
+    cpu = torch.device("cpu")
+    return [{k: v for k, v in source.collate(list(range(i, min(i + batch_size, count))), cpu).items()
+             if k != "labels"} for i in range(0, count, batch_size)]
+
+
+def rule_point(task: str, rule: ExitRule, every: torch.Tensor, labels: Any) -> dict[str, Any]:
+    logits, exits = replay_exits(rule, every)
+    metrics = glue.compute_metrics(task, logits.argmax(-1).numpy(), labels)
+    num_layers = every.shape[0]
+    return {"rule": rule.label, "metric": metrics[glue.primary_metric(task)],
+            "avg_exit_layer": float(exits.float().mean()),
+            "layers_saved_fraction": 1.0 - float(exits.float().mean()) / num_layers}
+
+
+def accuracy(args: argparse.Namespace, model: EarlyExitModel, features: dict[str, torch.Tensor], task: str,
+             chosen: ExitRule) -> dict[str, Any]:
+    """Per-layer metrics and every rule's metric and exits on the whole dev set, from one all-exit pass."""
+    with torch.no_grad():
+        every = torch.cat([model.all_exit_logits(**b) for b in batches(features, 32, 0)], dim=1)
+    labels = features["labels"].numpy()
+    primary = glue.primary_metric(task)
+    per_layer = [glue.compute_metrics(task, every[i].argmax(-1).numpy(), labels)[primary]
+                 for i in range(every.shape[0])]
+    rules = ([EntropyExit(e) for e in args.early_exit_entropy] + [PatienceExit(p) for p in args.patience])
+    return {"primary_metric": primary, "num_examples": len(labels), "num_layers": every.shape[0],
+            "full_model": per_layer[-1], "per_layer": per_layer,
+            "sweep": [rule_point(task, r, every, labels) for r in rules],
+            "chosen": rule_point(task, chosen, every, labels)}
+
+
+@contextlib.contextmanager
+def timing_lock(path: str | None) -> Iterator[None]:
+    """Hold an exclusive flock on `path` (when given) while timing: one benchmark at a time on the machine."""
+    if not path:
+        yield
+        return
+    with open(path, "a") as f:
+        print(f"Waiting for the lock on {path}", flush=True)
+        fcntl.flock(f, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
+
+
+def run_pass(model: EarlyExitModel, data: list[dict[str, torch.Tensor]], rule: ExitRule | None) -> float:
+    start = time.perf_counter()
+    with torch.no_grad():
+        for b in data:
+            if rule is None:
+                model.backbone(**b)  # the plain model: the stock forward, every layer
+            else:
+                model.early_exit(rule, **b)
+    return time.perf_counter() - start
+
+
+def time_rules(model: EarlyExitModel, data: list[dict[str, torch.Tensor]], rules: list[ExitRule]
+               ) -> dict[str, Any]:
+    """Seconds of the plain model and of each rule, two passes each in mirrored order (plain, r1 .. rk,
+    rk .. r1, plain) after one untimed warm-up pass of each."""
+    for rule in [None, *rules]:
+        run_pass(model, data[:2], rule)
+    order: list[ExitRule | None] = [None, *rules, *reversed(rules), None]
+    seconds: dict[str, float] = {}
+    for rule in order:
+        name = "plain" if rule is None else rule.label
+        seconds[name] = seconds.get(name, 0.0) + run_pass(model, data, rule)
+    plain = seconds.pop("plain")
+    return {"plain_seconds": plain, "rules": [{"rule": r.label, "seconds": seconds[r.label],
+                                               "speedup": plain / seconds[r.label]} for r in rules]}
+
+
+def time_overhead(model: EarlyExitModel, data: list[dict[str, torch.Tensor]], repeats: int) -> dict[str, Any]:
+    """The plain model (A) against early exit whose rule never fires (B), ABBA order, after a warm-up."""
+    rule = NeverFires()
+    run_pass(model, data[:2], None)
+    run_pass(model, data[:2], rule)
+    seconds = {False: 0.0, True: 0.0}
+    for machinery in abba_order(repeats):
+        seconds[machinery] += run_pass(model, data, rule if machinery else None)
+    return {"plain_seconds": seconds[False], "early_exit_seconds": seconds[True],
+            "overhead": seconds[True] / seconds[False] - 1.0, "passes_each": repeats}
+
+
+@dataclass
+class Loaded:
+    """A trained variant ready to measure: its model, its chosen rule, and the dev features of each task."""
+
+    model: EarlyExitModel
+    chosen: ExitRule
+    features: dict[str, dict[str, torch.Tensor]]
+
+
+def load_variant(args: argparse.Namespace, data_dir: str, run: dict[str, Any]) -> Loaded:
+    model = EarlyExitModel.from_pretrained(run["output_dir"]).eval()
+    tokenizer = load_tokenizer(run["output_dir"], do_lower_case=args.do_lower_case)
+    chosen = rule_from_choice(load_choice(run["output_dir"]), False, 0.1)
+    return Loaded(model, chosen, {t: dev_features(args, data_dir, tokenizer, t) for t in eval_tasks(args.task_name)})
+
+
+def time_variant(args: argparse.Namespace, loaded: Loaded, timed: bool) -> dict[str, Any]:
+    """Per task and eval batch size: the plain model against the timed rules (all, or the chosen one alone)."""
+    timed_rules = [EntropyExit(e) for e in args.timed_entropy] + [PatienceExit(p) for p in args.timed_patience]
+    rules = list(dict.fromkeys([*(timed_rules if timed else []), loaded.chosen]))
+    out: dict[str, Any] = {}
+    for task, features in loaded.features.items():
+        out[task] = {}
+        for bs in args.eval_batch_sizes:
+            data = batches(features, bs, args.timing_examples)
+            out[task][str(bs)] = {"rows": sum(len(b["input_ids"]) for b in data), "load_before": load_average(),
+                                  **time_rules(loaded.model, data, rules), "load_after": load_average()}
+    return out
+
+
+def overhead(args: argparse.Namespace, loaded: Loaded) -> dict[str, Any]:
+    features = next(iter(loaded.features.values()))
+    out = {}
+    for bs in args.eval_batch_sizes:
+        data = batches(features, bs, args.timing_examples)
+        out[str(bs)] = {"rows": sum(len(b["input_ids"]) for b in data), "load_before": load_average(),
+                        **time_overhead(loaded.model, data, args.overhead_repeats), "load_after": load_average()}
+    return out
 
 
 # ----------------------------------------------------------------------------------------------------------
 # report
 
 
+def _speedups(timing: dict[str, Any], rule: str) -> list[str]:
+    cells = []
+    for res in timing.values():
+        match = [r for r in res["rules"] if r["rule"] == rule]
+        cells.append(f"{match[0]['speedup']:.2f}x" if match else "-")
+    return cells
+
+
 def report(bench: dict[str, Any]) -> str:
     cfg, data, env = bench["config"], bench["data"], bench["environment"]
-    out = [f"DeeBERT early-exit benchmark: {cfg['task_name']}, model {cfg['model_name_or_path']}",
-           f"train rows {data['train_rows']} of {data['train_rows_in_source']} (seed {cfg['seed']}), dev rows "
+    out = [f"Early-exit benchmark: {cfg['task_name']}, model {cfg['model_name_or_path']}",
+           f"train rows {data['train_rows']} of {data['train_rows_in_source']} (seed {cfg['seed']}; "
+           f"{cfg['calibration_examples']} held out to choose the threshold), dev rows "
            + ", ".join(f"{t} {n}" for t, n in data["dev_rows"].items())
-           + f", max_seq_length {cfg['max_seq_length']}, {cfg['num_train_epochs']:g} epoch(s), "
+           + f", max_seq_length {cfg['max_seq_length']}, {cfg['num_train_epochs']:g} epoch(s) per stage, "
            f"lr {cfg['learning_rate']:g}, train batch {cfg['train_batch_size']}",
            f"torch {env['torch']}, transformers {env['transformers']}, {env['cpu_count']} CPU(s), "
            f"{env['torch_threads']} torch thread(s), device {env['device']}",
            f"load average (1/5/15 min) before {env['load_average_1_5_15min_before']}, after "
-           f"{env['load_average_1_5_15min_after']}: other jobs on the machine slow every timing",
-           "Timings are single measurements."]
-    ft = bench["fine_tune"]
-    stages = [("stage1", ft["train"]["stage1"], ft["stage1_learning_rate"]),
-              ("stage2", ft["train"]["stage2"], ft["stage2_learning_rate"])]
-    if "discarded_stage2" in ft:
-        stages.append(("stage2 (discarded)", ft["discarded_stage2"], ft["stage1_learning_rate"]))
-    out += ["", "Fine-tuning (dynamic padding; stage one = backbone + head, stage two = off-ramps, backbone frozen)",
-            format_table(["stage", "lr", "steps", "seconds", "examples/s", "avg loss"],
-                         [[name, f"{lr:g}", s["global_step"], f"{s['seconds']:.1f}", f"{s['examples_per_second']:.1f}",
-                           f"{s['average_loss']:.4f}"] for name, s, lr in stages])]
-    for task_name, by_bs in bench["eval"].items():
-        first = next(iter(by_bs.values()))
-        primary = first["primary_metric"]
-        per_layer = next((r["per_layer"] for r in by_bs.values() if "per_layer" in r), None)
-        if per_layer:
-            out += ["", f"{task_name}: {primary} of each exit layer (full dev set)",
-                    format_table(["layer"] + [str(p["layer"]) for p in per_layer],
-                                 [[primary] + [f"{100 * p[primary]:.2f}" for p in per_layer]])]
+           f"{env['load_average_1_5_15min_after']}"]
+    rows = []
+    for name, run in bench["fine_tune"].items():
+        for stage, res in run["train"].items():
+            if isinstance(res, dict) and "global_step" in res:
+                rows.append([name, stage, res["global_step"], f"{res['seconds']:.0f}",
+                             f"{res['examples_per_second']:.1f}", f"{res['average_loss']:.4f}"])
+    out += ["", "Fine-tuning", format_table(["variant", "stage", "steps", "seconds", "examples/s", "avg loss"], rows)]
+    first = next(iter(bench["eval"].values()))
+    for task in first:
+        acc0 = first[task]["accuracy"]
+        primary, layers = acc0["primary_metric"], acc0["num_layers"]
+        out += ["", f"{task}: {primary} of each exit layer (whole dev set, {acc0['num_examples']} rows)",
+                format_table(["variant"] + [str(i + 1) for i in range(layers)],
+                             [[v] + [f"{100 * a:.2f}" for a in r[task]["accuracy"]["per_layer"]]
+                              for v, r in bench["eval"].items()])]
+        bss = list(first[task]["timing"])
         rows = []
-        for bs, res in by_bs.items():
-            rows.append([bs, "all layers", f"{100 * res['metrics'][primary]:.2f}", f"{res['num_layers']:.2f}",
-                         "0.0%", f"{res['seconds_all_layers']:.2f}", "1.00x"])
-            for p in res.get("early_exit", []):
-                rows.append([bs, f"{p['threshold']:g}", f"{100 * p['metric']:.2f}", f"{p['avg_exit_layer']:.2f}",
-                             f"{100 * p['layers_saved_fraction']:.1f}%", f"{p['seconds']:.2f}",
-                             f"{p['speedup']:.2f}x"])
-        out += ["", f"{task_name}: early exit on the dev set ({first['num_examples']} examples, "
-                f"{first['num_layers']} layers), speed-up over all layers at the same batch size",
-                format_table(["batch", "entropy", primary, "avg exit layer", "layers saved", "seconds", "speed-up"],
-                             rows)]
-    if bench["throughput"]:
+        for variant, res in bench["eval"].items():
+            acc, timing = res[task]["accuracy"], res[task]["timing"]
+            rows.append([variant, "all layers", f"{100 * acc['full_model']:.2f}", f"{layers:.2f}", "0.0%",
+                         *["1.00x"] * len(bss)])
+            for p in acc["sweep"]:
+                rows.append([variant, p["rule"], f"{100 * p['metric']:.2f}", f"{p['avg_exit_layer']:.2f}",
+                             f"{100 * p['layers_saved_fraction']:.1f}%", *_speedups(timing, p["rule"])])
+        out += ["", f"{task}: early exit on the dev set; speed-up = wall time of the plain model / early exit on the "
+                "first timed rows, mirrored ABBA order, at eval batch " + " / ".join(bss),
+                format_table(["variant", "rule", primary, "avg exit layer", "layers saved",
+                              *[f"speed-up bs{b}" for b in bss]], rows)]
+        rows = []
+        for variant, res in bench["eval"].items():
+            p, choice = res[task]["accuracy"]["chosen"], bench["fine_tune"][variant]["chosen_threshold"]
+            rows.append([variant, p["rule"], f"{100 * choice['calibration_metric']:.2f} / "
+                         f"{100 * choice['full_model_metric']:.2f}", f"{100 * p['metric']:.2f}",
+                         f"{100 * (res[task]['accuracy']['full_model'] - p['metric']):+.2f}",
+                         f"{p['avg_exit_layer']:.2f}", *_speedups(res[task]["timing"], p["rule"])])
+        out += ["", f"{task}: the threshold chosen for --max_metric_drop {cfg['max_metric_drop']:g} on the held-out "
+                "training rows, then on dev",
+                format_table(["variant", "chosen", "calibration (rule / full)", f"dev {primary}",
+                              "below full model", "avg exit layer", *[f"speed-up bs{b}" for b in bss]], rows)]
+    if bench.get("overhead"):
+        out += ["", f"No-exit overhead ({bench['overhead_model']}): plain model vs early exit whose rule checks every "
+                f"off-ramp and never fires, {cfg['overhead_repeats']} ABBA rounds",
+                format_table(["batch", "rows", "plain s", "early exit s", "overhead", "load before/after"],
+                             [[bs, r["rows"], f"{r['plain_seconds']:.2f}", f"{r['early_exit_seconds']:.2f}",
+                               f"{100 * r['overhead']:+.1f}%", f"{r['load_before']} / {r['load_after']}"]
+                              for bs, r in bench["overhead"].items()])]
+    if bench.get("throughput"):
         base = bench["throughput"][0]["stage1"]["examples_per_second"]
         out += ["", f"Training throughput, {cfg['throughput_repeats']} run(s) of {cfg['throughput_steps']} steps per "
-                f"padding mode in ABBA order, batch {cfg['train_batch_size']} (no warm-up; stage two = frozen "
-                "backbone, off-ramps only)",
-                format_table(["padding", "stage1 steps", "stage1 s", "stage1 examples/s", "per run", "vs fixed",
-                              "stage2 examples/s"],
+                f"padding mode in ABBA order, batch {cfg['train_batch_size']}",
+                format_table(["padding", "stage1 steps", "stage1 s", "stage1 examples/s", "vs fixed"],
                              [[t["padding"], t["stage1"]["global_step"], f"{t['stage1']['seconds']:.1f}",
                                f"{t['stage1']['examples_per_second']:.1f}",
-                               " / ".join(f"{r['stage1']['examples_per_second']:.1f}" for r in t["runs"]),
-                               f"{t['stage1']['examples_per_second'] / base:.2f}x",
-                               f"{t['stage2']['examples_per_second']:.1f}"] for t in bench["throughput"]])]
-        pad = bench["throughput_padding"]
-        out += [f"tokens per row in those batches: real {pad['real_tokens_per_row']:.1f}, dynamic padding "
-                f"{pad['dynamic_padded_tokens_per_row']:.1f}, fixed {pad['fixed_padded_tokens_per_row']:g} "
-                f"(dynamic = {100 * pad['dynamic_over_fixed']:.0f}% of fixed)"]
+                               f"{t['stage1']['examples_per_second'] / base:.2f}x"] for t in bench["throughput"]])]
     return "\n".join(out)
 
 
@@ -324,12 +540,15 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     data_dir = os.path.join(out, "data")
     wall: dict[str, float] = {}
     bench = new_record("bench_glue_early_exit.py", args, argv)
-    bench["data"] = write_subset(args, data_dir)
+    bench["data"] = write_subset(args, data_dir)  # the same rows again with --reuse_models (fixed seed)
     print(f"Wrote {bench['data']['train_rows']} train rows and the dev file(s) to {data_dir}", flush=True)
 
-    model_dir = os.path.join(out, "model")
     t0 = time.perf_counter()
-    bench["fine_tune"] = fine_tune(args, data_dir, model_dir, bench["data"]["train_rows"])
+    bench["fine_tune"] = {}
+    for v in args.variants:
+        shared = bench["fine_tune"].get("two_stage") if v.startswith("two_stage_") else None
+        bench["fine_tune"][v] = fine_tune(args, data_dir, os.path.join(out, f"model-{v}"), bench["data"]["train_rows"],
+                                          v, shared["output_dir"] if shared else None)
     wall["fine_tune"] = time.perf_counter() - t0
 
     bench["throughput"] = []
@@ -339,14 +558,17 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         bench["throughput_padding"] = padding_stats(args, data_dir)
     wall["throughput"] = time.perf_counter() - t0
 
-    bench["eval"] = {}
     t0 = time.perf_counter()
-    for bs in args.eval_batch_sizes:
-        # Per-layer metrics do not depend on the batch size: computed once, with the largest one (fastest).
-        each = bs == max(args.eval_batch_sizes)
-        results, seconds = evaluate(args, data_dir, model_dir, os.path.join(out, f"eval-bs{bs}"), bs, each)
-        for task_name, res in results["eval"].items():
-            bench["eval"].setdefault(task_name, {})[str(bs)] = {**res, "run_seconds": seconds}
+    # Accuracy first (nothing timed), then every timing in one hold of the lock.
+    loaded = {v: load_variant(args, data_dir, bench["fine_tune"][v]) for v in args.variants}
+    bench["eval"] = {v: {task: {"accuracy": accuracy(args, one.model, features, task, one.chosen)}
+                         for task, features in one.features.items()} for v, one in loaded.items()}
+    with timing_lock(args.timing_lock):
+        for v, one in loaded.items():
+            for task, timing in time_variant(args, one, v in args.timed_variants).items():
+                bench["eval"][v][task]["timing"] = timing
+        bench["overhead_model"] = args.variants[-1]
+        bench["overhead"] = overhead(args, loaded[args.variants[-1]])
     wall["eval"] = time.perf_counter() - t0
     return write_record(out, bench, wall, start, report, load_before)
 

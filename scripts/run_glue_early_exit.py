@@ -1,21 +1,27 @@
 #!/usr/bin/env python
-"""DeeBERT: dynamic early exiting for BERT-style encoders on every GLUE task.
+"""DeeBERT / PABEE: dynamic early exiting for BERT-style encoders on every GLUE task.
 
-An off-ramp classifier reads the hidden state after each encoder layer. Training has two stages: (1) the
-backbone and its final classifier, as ordinary fine-tuning; (2) the backbone frozen, the off-ramps trained.
-At inference a row leaves at the first off-ramp whose prediction is confident enough: its entropy is below
---early_exit_entropy (DeeBERT), or --patience off-ramps in a row agree (PABEE). Rows leave the batch as they
-exit, so early exit saves compute at every batch size.
+An off-ramp classifier reads the hidden state after each encoder layer. Training (--training_scheme) has
+DeeBERT's two stages, (1) the backbone and its final classifier as ordinary fine-tuning, (2) the backbone
+frozen and the off-ramps trained; or PABEE's one joint stage, the backbone and every exit trained together on
+sum_i i * loss_i / sum_i i. Off-ramps may also learn the final head's softened predictions
+(--self_distillation, FastBERT). At inference a row leaves at the first off-ramp whose prediction is confident
+enough: its entropy is below --early_exit_entropy (DeeBERT), or --patience off-ramps in a row agree (PABEE).
+Rows leave the batch as they exit, so early exit saves compute at every batch size. --max_metric_drop D picks
+the most aggressive threshold that costs at most D of the task's metric on rows held out of the training data,
+saves it with the model, and later evaluation-only runs use it.
 
     python scripts/run_glue_early_exit.py --do_train --do_eval            # built-in demo, no download
     python scripts/run_glue_early_exit.py --model_type bert --model_name_or_path bert-base-uncased \\
         --task_name sst-2 --data_dir glue_data/SST-2 --output_dir runs/sst2 --do_train --do_eval \\
         --eval_each_highway --early_exit_entropy 0 0.1 0.2 0.3 0.4 0.5
+    python scripts/run_glue_early_exit.py ...same flags... --training_scheme joint --max_metric_drop 0.01
     torchrun --nproc_per_node=4 scripts/run_glue_early_exit.py ...same flags...
 
 Writes into --output_dir: the model (a stock transformers checkpoint plus off_ramps.safetensors),
-eval_results.json / eval_results.txt, early_exit_sweep.json, metric_per_layer.png, early_exit_sweep.png,
-log_history.jsonl, TensorBoard events under runs/, checkpoint-stage{1,2}-NNNNNN/ folders and run_args.json.
+eval_results.json / eval_results.txt, early_exit.json (with --max_metric_drop), early_exit_sweep.json,
+metric_per_layer.png, early_exit_sweep.png, log_history.jsonl, TensorBoard events under runs/,
+checkpoint-stage{1,2}-NNNNNN/ (two_stage) or checkpoint-joint-NNNNNN/ (joint) folders and run_args.json.
 """
 
 from __future__ import annotations
@@ -25,7 +31,7 @@ import json
 import logging
 import os
 import sys
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any, Callable, Sequence
 
 from common.args import (
@@ -48,12 +54,16 @@ if not answering_help(__name__):  # -h/--help answers at once: argparse needs no
     from common.data import glue
     from common.data.glue import eval_tasks
     from common.distributed import DistContext, barrier
+    from common.early_exit import choose_rule, load_choice, rule_from_choice, save_choice
     from common.io import write_json_atomic, write_text_atomic
     from common.model_card import write_model_card
     from common.results import flat_metrics, train_metrics, write_run_results
     from common.loaders import load_tokenizer as load_fast_tokenizer
     from common.loaders import model_saver
-    from common.models.highway import STAGE1, STAGE2, EarlyExitModel, EntropyExit, ExitRule, PatienceExit
+    from common.models.highway import (
+        HEAD, JOINT, JOINT_STAGE, OFF_RAMPS, STAGE1, STAGE2, EarlyExitModel, EntropyExit, ExitRule, PatienceExit,
+        SelfDistillation,
+    )
     from common.pretrained import check_model_folder
     from common.training import Stage, TrainConfig, TrainResult, param_groups, predict, train
 
@@ -89,8 +99,30 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     g.add_argument("--eval_after_first_stage", action="store_true",
                    help="Evaluate the final classifier between the two training stages.")
     g.add_argument("--off_ramp_learning_rate", type=float, default=None,
-                   help="Learning rate of stage two (the off-ramps on the frozen backbone); default: "
-                        "--learning_rate. Fresh heads often need a larger one than fine-tuning.")
+                   help="Learning rate of the off-ramps: stage two's (on the frozen backbone), or theirs within "
+                        "the joint stage; default: --learning_rate. Fresh heads often need a larger one than "
+                        "fine-tuning.")
+    g.add_argument("--training_scheme", choices=("two_stage", "joint"), default="two_stage",
+                   help="two_stage (DeeBERT): backbone + head, then the off-ramps on the frozen backbone. joint "
+                        "(PABEE): one stage, backbone and every exit trained together on sum_i i * loss_i / sum_i i.")
+    g.add_argument("--self_distillation", action="store_true",
+                   help="Off-ramps also learn the final head's softened predictions (FastBERT).")
+    g.add_argument("--self_distillation_weight", type=float, default=0.5,
+                   help="With --self_distillation: an off-ramp's loss is (1 - w) * its task loss + w * its KL "
+                        "to the head's softened prediction (squared error on regression); 1 is FastBERT's.")
+    g.add_argument("--self_distillation_temperature", type=float, default=1.0,
+                   help="With --self_distillation: softmax temperature of both distributions.")
+    g.add_argument("--max_metric_drop", type=float, default=None,
+                   help="Choose the most aggressive early-exit threshold whose metric (the task's primary one) "
+                        "is at most this far below the full model's (0.01: one point), on --calibration_examples "
+                        "rows held out of the training data; saved as early_exit.json with the model and used "
+                        "by later evaluation-only runs that give no threshold.")
+    g.add_argument("--calibration_examples", type=int, default=500,
+                   help="With --max_metric_drop: training rows held out (drawn with --seed) to choose on; a "
+                        "training run does not train on them.")
+    g.add_argument("--calibration_rule", choices=("entropy", "patience"), default=None,
+                   help="With --max_metric_drop: which threshold to choose (default: entropy; patience on "
+                        "regression tasks).")
     g.add_argument("--eval_each_highway", action="store_true",
                    help="Report the metric of every exit (off-ramp) layer.")
     g.add_argument("--eval_highway", action="store_true",
@@ -150,6 +182,25 @@ def exit_rules(args: argparse.Namespace, regression: bool) -> tuple[tuple[ExitRu
     return tuple(rules), problems
 
 
+def training_problems(args: argparse.Namespace, regression: bool) -> list[str]:
+    """Problems with the training-scheme, self-distillation and threshold-choice flags."""
+    problems = []
+    if not 0 <= args.self_distillation_weight <= 1:
+        problems.append(f"--self_distillation_weight must be between 0 and 1 (got {args.self_distillation_weight})")
+    if not args.self_distillation_temperature > 0:
+        problems.append("--self_distillation_temperature must be positive (got "
+                        f"{args.self_distillation_temperature})")
+    if args.max_metric_drop is not None and not (np.isfinite(args.max_metric_drop) and args.max_metric_drop >= 0):
+        problems.append(f"--max_metric_drop must be a number >= 0 (got {args.max_metric_drop}; 0.01 is one point)")
+    if args.calibration_examples < 1:
+        problems.append(f"--calibration_examples must be at least 1 (got {args.calibration_examples})")
+    if regression and args.calibration_rule == "entropy":
+        problems.append("--calibration_rule entropy has no meaning on a regression task; use patience")
+    if args.eval_after_first_stage and args.training_scheme == "joint":
+        problems.append("--eval_after_first_stage needs --training_scheme two_stage (joint training has one stage)")
+    return problems
+
+
 def resolve_run(args: argparse.Namespace, ctx: DistContext) -> Run:
     """Validate the flags (every problem in one error) and fill in the built-in default."""
     problems = check_run_args(args, ctx.device)
@@ -169,6 +220,7 @@ def resolve_run(args: argparse.Namespace, ctx: DistContext) -> Run:
     if args.max_seq_length < 8:
         problems.append(f"--max_seq_length {args.max_seq_length} is too short (at least 8)")
     regression = task in glue.TASKS and glue.get_task(task).output_mode == "regression"
+    problems += training_problems(args, regression)
     rules, rule_problems = exit_rules(args, regression)
     problems += rule_problems
     output_dir = args.output_dir or os.path.join("runs", "glue_early_exit")
@@ -198,6 +250,14 @@ def resolve_run(args: argparse.Namespace, ctx: DistContext) -> Run:
         # Evaluation only: the model folder is where results belong when no --output_dir is given.
         output_dir = model_path if os.path.isdir(model_path) else output_dir
     plot_dir = args.plot_data_dir or output_dir
+    given = [e for e in args.early_exit_entropy or [] if e != -1] or args.patience
+    if not args.do_train and not given and args.max_metric_drop is None and os.path.isdir(model_path):
+        choice = load_choice(model_path)
+        if choice is not None:
+            rules = (rule_from_choice(choice, regression, args.regression_threshold),)
+            logger.info("Early exit with the threshold saved with the model: %s (chosen for a drop of at most %s "
+                        "on %s held-out training rows; give --early_exit_entropy / --patience to override)",
+                        rules[0].label, choice.get("max_metric_drop"), choice.get("calibration_examples"))
     return Run(task=task, data_dir=data_dir, model_path=model_path,
                tokenizer_path=args.tokenizer_name or model_path, output_dir=output_dir, plot_dir=plot_dir,
                builtin=use_builtin, resume=resume, rules=rules)
@@ -279,13 +339,25 @@ def model_inputs(batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
 # training
 
 
-def train_stages(ctx: DistContext, args: argparse.Namespace, run: Run, model: EarlyExitModel, tokenizer: Any,
-                 open_writer: Callable[[], Any]) -> dict[str, Any]:
-    """DeeBERT's two stages: (1) backbone and final classifier, (2) the off-ramps on the frozen backbone, at
-    their own learning rate. A resumed run continues in the stage its checkpoint belongs to."""
+def training_rows(ctx: DistContext, args: argparse.Namespace, run: Run, tokenizer: Any
+                  ) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor] | None]:
+    """The featurized training set, and with --max_metric_drop the calibration slice held out of it."""
     train_set = load_features(ctx, args, run, tokenizer, run.task, "train")
+    if args.max_metric_drop is None:
+        return train_set, None
+    return glue.split_calibration(train_set, args.calibration_examples, args.seed)
+
+
+def train_stages(ctx: DistContext, args: argparse.Namespace, run: Run, model: EarlyExitModel, tokenizer: Any,
+                 train_set: dict[str, torch.Tensor], open_writer: Callable[[], Any]) -> dict[str, Any]:
+    """--training_scheme two_stage (DeeBERT): (1) backbone and final classifier, (2) the off-ramps on the frozen
+    backbone; joint (PABEE): one stage, everything on the weighted loss of every exit. The off-ramps learn at
+    --off_ramp_learning_rate in both. A resumed run continues in the stage its checkpoint belongs to."""
     save = model_saver(model, tokenizer)
-    summary: dict[str, Any] = {"num_examples": int(len(train_set["labels"]))}
+    summary: dict[str, Any] = {"num_examples": int(len(train_set["labels"])), "scheme": args.training_scheme}
+    distill = SelfDistillation(args.self_distillation_weight if args.self_distillation else 0.0,
+                               args.self_distillation_temperature)
+    off_ramp_lr = args.off_ramp_learning_rate or args.learning_rate
 
     def evaluate_now(state: Any) -> dict[str, float]:
         metrics = evaluate_final_head(ctx, args, run, model, tokenizer)
@@ -299,21 +371,70 @@ def train_stages(ctx: DistContext, args: argparse.Namespace, run: Run, model: Ea
             logger.info("After stage one: %s", summary["after_first_stage"])
 
     def groups(learning_rate: float) -> Callable[[], list[dict[str, Any]]]:
-        return lambda: param_groups(model.named_parameters(), learning_rate, args.weight_decay)
+        off_ramps = [(lambda name: name.startswith("off_ramps."), {"lr": off_ramp_lr})]
+        return lambda: param_groups(model.named_parameters(), learning_rate, args.weight_decay, off_ramps)
 
-    stages = [
-        Stage(STAGE1, lambda m, batch, state: m(**batch)["loss"], groups(args.learning_rate),
-              enter=lambda: model.set_stage(1), on_log=evaluate_now if args.evaluate_during_training else None,
-              on_end=stage_one_done, tb_prefix="stage1/"),
-        Stage(STAGE2, lambda m, batch, state: m(**batch, train_off_ramps=True)["loss"],
-              groups(args.off_ramp_learning_rate or args.learning_rate), enter=lambda: model.set_stage(2),
-              on_end=lambda result: summary.__setitem__("stage2", result.__dict__), tb_prefix="stage2/"),
-    ]
+    def loss_step(objective: str) -> Callable[[Any, dict, Any], torch.Tensor]:
+        return lambda m, batch, state: m(**batch, objective=objective, distill=distill)["loss"]
+
+    def done(key: str) -> Callable[[TrainResult], None]:
+        return lambda result: summary.__setitem__(key, result.__dict__)
+
+    during = evaluate_now if args.evaluate_during_training else None
+    if args.training_scheme == "joint":
+        stages = [Stage(JOINT_STAGE, loss_step(JOINT), groups(args.learning_rate), enter=lambda: model.set_stage(JOINT),
+                        on_log=during, on_end=done("joint"), tb_prefix="joint/")]
+    else:
+        stages = [
+            Stage(STAGE1, loss_step(HEAD), groups(args.learning_rate), enter=lambda: model.set_stage(HEAD),
+                  on_log=during, on_end=stage_one_done, tb_prefix="stage1/"),
+            Stage(STAGE2, loss_step(OFF_RAMPS), groups(off_ramp_lr), enter=lambda: model.set_stage(OFF_RAMPS),
+                  on_end=done("stage2"), tb_prefix="stage2/"),
+        ]
     train(ctx, TrainConfig.from_args(args, output_dir=run.output_dir), model, stages, train_set, save,
           tb_writer=open_writer(), resume_from=run.resume)
-    model.set_stage(0)
+    model.set_stage(None)
     save_final_model(ctx, save, run.output_dir)
     return summary
+
+
+def every_exit_logits(ctx: DistContext, args: argparse.Namespace, model: EarlyExitModel,
+                      data: dict[str, torch.Tensor], desc: str) -> np.ndarray:
+    """Logits of every exit for every row, [rows, layers, labels], from one full forward per batch."""
+    out, _ = predict(ctx, data, args.per_gpu_eval_batch_size,
+                     lambda b: {"logits": model.all_exit_logits(**model_inputs(b)).transpose(0, 1)},
+                     args.dynamic_padding, desc=desc, fp16=args.fp16, bf16=args.bf16)
+    return out["logits"]
+
+
+def choose_threshold(ctx: DistContext, args: argparse.Namespace, run: Run, model: EarlyExitModel,
+                     calibration: dict[str, torch.Tensor]) -> tuple[dict[str, Any], ExitRule]:
+    """--max_metric_drop: the most aggressive threshold within the budget on the calibration slice (rows held
+    out of the training data; the dev set is never read), saved as early_exit.json in the output folder."""
+    if not model.off_ramps_trained:
+        raise UserError(f"{run.model_path} has no trained off-ramps; train them (--do_train) before "
+                        "--max_metric_drop")
+    model.eval()
+    spec = glue.get_task(run.task)
+    kind = args.calibration_rule or ("patience" if spec.is_regression else "entropy")
+    every = torch.from_numpy(every_exit_logits(ctx, args, model, calibration, "calibration")).transpose(0, 1)
+    labels = calibration["labels"].numpy()
+    primary = glue.primary_metric(run.task)
+
+    def metric(logits: torch.Tensor) -> float:
+        return glue.compute_metrics(run.task, predictions(run.task, logits.numpy()), labels)[primary]
+
+    choice = choose_rule(kind, every, metric, args.max_metric_drop, spec.is_regression, args.regression_threshold)
+    choice.update({"metric": primary, "calibration_seed": args.seed, "source": "rows held out of the training data"})
+    rule = rule_from_choice(choice, spec.is_regression, args.regression_threshold)
+    logger.info("Chosen for a drop of at most %g in %s: %s (on %d held-out training rows: %s %.4f vs %.4f for the "
+                "full model, average exit layer %.2f of %d)", args.max_metric_drop, primary, rule.label,
+                choice["calibration_examples"], primary, choice["calibration_metric"], choice["full_model_metric"],
+                choice["avg_exit_layer"], choice["num_layers"])
+    if ctx.is_main:
+        os.makedirs(run.output_dir, exist_ok=True)
+        logger.info("Saved the choice to %s", save_choice(run.output_dir, choice))
+    return choice, rule
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -375,10 +496,8 @@ def evaluate(ctx: DistContext, args: argparse.Namespace, run: Run, model: EarlyE
         if not model.off_ramps_trained:
             raise UserError(f"{run.model_path} has no trained off-ramps; train them (--do_train) before "
                             "--eval_each_highway")
-        per_layer, _ = predict(ctx, dev, bs, lambda b: {"logits": model.all_exit_logits(**model_inputs(b))
-                                                        .transpose(0, 1)},
-                               args.dynamic_padding, desc="eval each exit", fp16=args.fp16, bf16=args.bf16)
-        layer_metrics = [glue.compute_metrics(eval_task, predictions(eval_task, per_layer["logits"][:, i]), labels)
+        per_layer = every_exit_logits(ctx, args, model, dev, "eval each exit")
+        layer_metrics = [glue.compute_metrics(eval_task, predictions(eval_task, per_layer[:, i]), labels)
                          for i in range(num_layers)]
         result["per_layer"] = [{"layer": i + 1, **m} for i, m in enumerate(layer_metrics)]
         logger.info("%s of each exit layer: %s", primary,
@@ -470,7 +589,7 @@ def write_run_outputs(args: argparse.Namespace, run: Run, results: dict[str, Any
         return
     train = results.get("train")
     train_flat = None if train is None else train_metrics(
-        [train[k] for k in ("stage1", "stage2") if k in train], train.get("num_examples"))
+        [train[k] for k in ("stage1", "stage2", "joint") if k in train], train.get("num_examples"))
     eval_flat: dict[str, Any] = {}
     for name, task_result in results.get("eval", {}).items():
         prefix = "eval_mm_" if task_result["task"] == "mnli-mm" else "eval_"
@@ -486,16 +605,27 @@ def write_run_outputs(args: argparse.Namespace, run: Run, results: dict[str, Any
         return
     rules = [r.label for r in run.rules]
     metrics = {k: v for k, v in eval_flat.items() if not k.endswith(("_samples", "_runtime"))}
+    joint = args.training_scheme == "joint"
+    method = ("PABEE joint training (backbone and every exit together, loss of exit i weighted by i)" if joint else
+              "DeeBERT two-stage early exit (stage 1: backbone + classifier; stage 2: off-ramps on the frozen "
+              "backbone)")
+    if args.self_distillation:
+        method += (f", off-ramps self-distilled from the final head (weight {args.self_distillation_weight:g}, "
+                   f"temperature {args.self_distillation_temperature:g})")
+    chosen = results.get("chosen_threshold")
     write_model_card(
-        run.output_dir, f"DeeBERT early exit: {run.task}",
-        f"A {run.task} classifier fine-tuned from `{run.model_path}` with DeeBERT's two-stage early exit: an "
+        run.output_dir, f"{'PABEE' if joint else 'DeeBERT'} early exit: {run.task}",
+        f"A {run.task} classifier fine-tuned from `{run.model_path}` with early exit: an "
         "off-ramp (pooler + classifier) after each encoder layer lets confident inputs leave before the last one.",
-        {"method": "DeeBERT two-stage early exit (stage 1: backbone + classifier; stage 2: off-ramps on the "
-                   "frozen backbone)",
+        {"method": method,
          "base model": run.model_path, "task": run.task, "training examples": train.get("num_examples"),
-         "learning rate (stage 1 / stage 2)": [args.learning_rate, args.off_ramp_learning_rate or args.learning_rate],
+         "learning rate (backbone / off-ramps)": [args.learning_rate,
+                                                  args.off_ramp_learning_rate or args.learning_rate],
          "epochs": args.num_train_epochs if args.max_steps <= 0 else f"{args.max_steps} steps per stage",
-         "early-exit thresholds evaluated": rules or "none (evaluate with --eval_highway --early_exit_entropy X)"},
+         "early-exit thresholds evaluated": rules or "none (evaluate with --eval_highway --early_exit_entropy X)",
+         **({"chosen threshold (early_exit.json)": f"{chosen['rule']} for a drop of at most "
+             f"{chosen['max_metric_drop']:g} on {chosen['calibration_examples']} held-out training rows"}
+            if chosen else {})},
         metrics or None,
         f"""from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
@@ -551,6 +681,18 @@ def predict_test(ctx: DistContext, args: argparse.Namespace, run: Run, model: Ea
 # ----------------------------------------------------------------------------------------------------------
 
 
+def warn_unless_held_out(args: argparse.Namespace, model_path: str) -> None:
+    """An evaluation-only --max_metric_drop draws its calibration rows from the training file again: fair only
+    if the model's training held those same rows out."""
+    saved = load_choice(model_path) if os.path.isdir(model_path) else None
+    same = saved is not None and (saved.get("calibration_seed"), saved.get("calibration_examples")) == (
+        args.seed, args.calibration_examples)
+    if not same:
+        logger.warning("Choosing a threshold on %d rows of the training file (seed %d): unless %s was trained with "
+                       "--max_metric_drop and these --seed / --calibration_examples, it has seen them and the choice "
+                       "is optimistic", args.calibration_examples, args.seed, model_path)
+
+
 def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     args = parse_args(argv)
     with script_context(args, argv, resolve_run) as (session, run):
@@ -560,16 +702,24 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         results: dict[str, Any] = {"task": run.task, "model": run.model_path}
         eval_path = run.model_path
         results["eval_model"] = os.path.abspath(eval_path)
+        calibration = None
         if args.do_train:
             source = run.resume or run.model_path
             model = load_model(source, args, run.task, for_training=True).to(ctx.device)
             tokenizer = load_tokenizer(run.resume or run.tokenizer_path, args)
-            results["train"] = train_stages(ctx, args, run, model, tokenizer, session.writer)
+            train_set, calibration = training_rows(ctx, args, run, tokenizer)
+            results["train"] = train_stages(ctx, args, run, model, tokenizer, train_set, session.writer)
             eval_path = run.output_dir
             results["eval_model"] = os.path.abspath(eval_path)
-        if args.do_eval or args.do_predict:
+        if args.do_eval or args.do_predict or (args.max_metric_drop is not None and not args.do_train):
             model = load_model(eval_path, args, run.task).to(ctx.device)
             tokenizer = load_tokenizer(eval_path if args.do_train else run.tokenizer_path, args)
+        if args.max_metric_drop is not None:
+            if calibration is None:
+                warn_unless_held_out(args, run.model_path)
+                calibration = training_rows(ctx, args, run, tokenizer)[1]
+            results["chosen_threshold"], rule = choose_threshold(ctx, args, run, model, calibration)
+            run = replace(run, rules=tuple(dict.fromkeys((*run.rules, rule))))
         if args.do_eval:
             results["eval"] = evaluate_all(ctx, args, run, model, tokenizer)
             if args.eval_all_checkpoints:

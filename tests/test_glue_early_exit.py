@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from safetensors.torch import load_file
 
 import run_glue_early_exit as script
 from common.errors import UserError
@@ -170,15 +171,27 @@ def test_torchrun_two_processes_match_one(trained_bert, tiny_bert_dir, sst2_dir,
     assert [p["exit_histogram"] for p in ddp["early_exit"]] == [p["exit_histogram"] for p in single["early_exit"]]
     assert [p["metrics"] for p in ddp["early_exit"]] == [p["metrics"] for p in single["early_exit"]]
 
+    # Training under DDP (two-stage DDP equals one process: tests/test_ddp_training.py): PABEE's joint scheme
+    # with self-distillation, and the threshold chosen on calibration rows gathered from both ranks equals the
+    # one a single process chooses for the same model.
     out = tmp_path / "ddp-train"
+    budget = ["--max_metric_drop", "0.1", "--calibration_examples", "31"]
     proc = subprocess.run(torchrun + glue_args(tiny_bert_dir, sst2_dir, out, "sst-2", "--do_train", "--do_eval",
-                                               "--max_steps", "3", "--save_steps", "3"),
+                                               "--max_steps", "3", "--save_steps", "3", "--training_scheme", "joint",
+                                               "--self_distillation", *budget),
                           capture_output=True, text=True, env=env, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    assert (out / "checkpoint-stage2-000003" / "rng_state_1.pt").is_file()  # every rank's RNG is kept
-    state = json.loads((out / "checkpoint-stage1-000003" / "trainer_state.json").read_text())
+    assert (out / "checkpoint-joint-000003" / "rng_state_1.pt").is_file()  # every rank's RNG is kept
+    state = json.loads((out / "checkpoint-joint-000003" / "trainer_state.json").read_text())
     assert state["global_step"] == 3
     assert json.loads((out / "eval_results.json").read_text())["eval"]["sst-2"]["num_examples"] == 48
+    ddp_choice = json.loads((out / "early_exit.json").read_text())
+    one = script.main(["--model_name_or_path", str(out), "--data_dir", sst2_dir, "--task_name", "sst-2",
+                       "--output_dir", str(tmp_path / "one"), "--max_seq_length", "32", "--seed", "7",
+                       "--per_gpu_eval_batch_size", "4", "--do_eval", *budget])["chosen_threshold"]
+    assert ddp_choice["calibration_examples"] == one["calibration_examples"] == 31
+    assert ddp_choice["threshold"] == one["threshold"]
+    assert ddp_choice["calibration_metric"] == pytest.approx(one["calibration_metric"])
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -350,3 +363,103 @@ def test_builtin_demo_keeps_flags_typed_with_their_default_value():
     assert (untyped.learning_rate, untyped.per_gpu_train_batch_size) == (5e-4, 32)
     given = script.parse_args(["--do_train", "--model_name_or_path", "m", "--data_dir", "d"])
     assert given.learning_rate == 5e-5  # not the demo: stock defaults
+
+
+# ----------------------------------------------------------------------------------------------------------
+# PABEE joint training, self-distillation, a threshold chosen for a metric budget
+
+
+def test_joint_scheme_trains_one_stage_with_the_off_ramp_rate_and_resumes(tiny_bert_dir, sst2_dir, tmp_path):
+    # 160 rows, batch 16: 10 steps, no warmup, linear decay: after step s the lr is lr * (10 - s) / 10.
+    common = ["--do_train", "--training_scheme", "joint", "--num_train_epochs", "1", "--logging_steps", "1",
+              "--off_ramp_learning_rate", "0.02", "--save_steps", "6", "--self_distillation"]
+    full = tmp_path / "full"
+    results = script.main(glue_args(tiny_bert_dir, sst2_dir, full, "sst-2", *common))
+    assert set(results["train"]) == {"num_examples", "scheme", "joint"}
+    assert results["train"]["joint"]["global_step"] == 10
+    assert (full / "checkpoint-joint-000006" / "optimizer.pt").is_file()
+    assert not list(full.glob("checkpoint-stage*"))
+    lines = [json.loads(line) for line in (full / "log_history.jsonl").read_text().splitlines()]
+    assert {r["stage"] for r in lines} == {"checkpoint-joint"}
+    assert [r["lr"] for r in lines] == pytest.approx([1e-3 * (10 - s) / 10 for s in range(1, 11)])  # backbone
+    optimizer = torch.load(full / "checkpoint-joint-000006" / "optimizer.pt", weights_only=True)
+    rates = sorted({group["initial_lr"] for group in optimizer["param_groups"]})
+    assert rates == pytest.approx([1e-3, 0.02])  # the off-ramps' groups learn at their own rate
+    # Both the backbone and the off-ramps moved.
+    name = "encoder.layer.0.attention.self.query.weight"
+    before = next(v for k, v in load_file(os.path.join(tiny_bert_dir, "model.safetensors")).items() if k.endswith(name))
+    after = model_state(str(full))
+    assert not torch.equal(before, after[f"backbone.bert.{name}"])
+    reloaded = script.EarlyExitModel.from_pretrained(str(full))
+    assert reloaded.off_ramps_trained
+    resumed = tmp_path / "resumed"
+    script.main(glue_args(tiny_bert_dir, sst2_dir, resumed, "sst-2", *common, "--resume_from_checkpoint",
+                          str(full / "checkpoint-joint-000006")))
+    assert model_state(str(resumed)).keys() == after.keys()
+    assert all(torch.equal(v, model_state(str(resumed))[k]) for k, v in after.items())
+    with pytest.raises(UserError, match="checkpoint of stage 'checkpoint-joint'"):
+        script.main(glue_args(tiny_bert_dir, sst2_dir, tmp_path / "mixed", "sst-2", "--do_train",
+                              "--resume_from_checkpoint", str(full / "checkpoint-joint-000006")))
+
+
+def flipped_dev(sst2_dir: str, tmp_path: Path) -> Path:
+    """The same data with every dev label flipped: a dev file that would change a threshold chosen on it."""
+    data = copy_sst2(sst2_dir, tmp_path)
+    lines = (data / "dev.tsv").read_text().splitlines()
+    flipped = [lines[0]] + [f"{text}\t{1 - int(label)}" for text, label in (line.split("\t") for line in lines[1:])]
+    (data / "dev.tsv").write_text("\n".join(flipped) + "\n")
+    return data
+
+
+def test_max_metric_drop_chooses_on_held_out_training_rows_and_is_reused(tiny_bert_dir, sst2_dir, tmp_path):
+    out = tmp_path / "run"
+    budget = ["--max_metric_drop", "0.05", "--calibration_examples", "40"]
+    data = copy_sst2(sst2_dir, tmp_path / "no-dev")
+    (data / "dev.tsv").unlink()  # training and choosing never need the dev set
+    trained = script.main(glue_args(tiny_bert_dir, str(data), out, "sst-2", "--do_train", "--training_scheme",
+                                    "joint", "--num_train_epochs", "3", *budget))
+    choice = json.loads((out / "early_exit.json").read_text())
+    assert trained["chosen_threshold"] == choice and trained["train"]["num_examples"] == 120  # 160 - 40 held out
+    assert choice["criterion"] == "entropy" and choice["calibration_examples"] == 40
+    assert choice["calibration_metric"] >= choice["full_model_metric"] - 0.05
+    label = f"entropy={choice['threshold']:g}"
+    # An evaluation-only run without a threshold uses the saved one; a given threshold wins over it.
+    reused = script.main(["--model_name_or_path", str(out), "--data_dir", sst2_dir, "--task_name", "sst-2",
+                          "--output_dir", str(tmp_path / "eval"), "--do_eval", "--max_seq_length", "32"])
+    assert [p["rule"] for p in reused["eval"]["sst-2"]["early_exit"]] == [label]
+    given = script.main(["--model_name_or_path", str(out), "--data_dir", sst2_dir, "--task_name", "sst-2",
+                         "--output_dir", str(tmp_path / "eval2"), "--do_eval", "--max_seq_length", "32",
+                         "--early_exit_entropy", "0.3"])
+    assert [p["rule"] for p in given["eval"]["sst-2"]["early_exit"]] == ["entropy=0.3"]
+    # Choosing again at evaluation time: a dev file with every label flipped changes the dev metric, not the
+    # threshold.
+    chosen = []
+    for name, folder in (("same", sst2_dir), ("flipped", str(flipped_dev(sst2_dir, tmp_path / "flip")))):
+        result = script.main(["--model_name_or_path", str(out), "--data_dir", folder, "--task_name", "sst-2",
+                              "--output_dir", str(tmp_path / name), "--do_eval", "--max_seq_length", "32",
+                              "--seed", "7", *budget])  # the training run's seed: the same held-out rows
+        chosen.append((result["chosen_threshold"]["threshold"], result["eval"]["sst-2"]["metrics"]["acc"]))
+    assert chosen[0][0] == chosen[1][0] == choice["threshold"]
+    assert chosen[0][1] == pytest.approx(1 - chosen[1][1])
+
+
+def test_regression_joint_chooses_a_patience(tiny_bert_dir, stsb_dir, tmp_path):
+    out = tmp_path / "stsb"
+    results = script.main(glue_args(tiny_bert_dir, stsb_dir, out, "sts-b", "--do_train", "--do_eval",
+                                    "--training_scheme", "joint", "--max_steps", "2", "--max_metric_drop", "0.5",
+                                    "--calibration_examples", "8"))
+    choice = results["chosen_threshold"]
+    assert choice["criterion"] == "patience" and choice["metric"] == "spearmanr"  # STS-B's primary metric
+    assert [p["rule"] for p in results["eval"]["sts-b"]["early_exit"]] == [f"patience={choice['threshold']}"]
+
+
+@pytest.mark.parametrize("flags, pattern", [
+    (["--self_distillation", "--self_distillation_weight", "1.5"], "between 0 and 1"),
+    (["--self_distillation_temperature", "0"], "temperature must be positive"),
+    (["--max_metric_drop", "-0.1"], "--max_metric_drop must be a number >= 0"),
+    (["--max_metric_drop", "0.01", "--calibration_examples", "160"], "cannot be held out of 160 training rows"),
+    (["--training_scheme", "joint", "--eval_after_first_stage"], "needs --training_scheme two_stage"),
+])
+def test_early_exit_training_flag_problems(flags, pattern, tiny_bert_dir, sst2_dir, tmp_path):
+    with pytest.raises(UserError, match=pattern):
+        script.main(glue_args(tiny_bert_dir, sst2_dir, tmp_path / "o", "sst-2", "--do_train", *flags))

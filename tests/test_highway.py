@@ -12,7 +12,10 @@ from transformers import (
 )
 
 from common.errors import UserError
-from common.models.highway import EarlyExitModel, EntropyExit, PatienceExit, entropy
+from common.distillation import soft_cross_entropy
+from common.models.highway import (
+    HEAD, JOINT, OFF_RAMPS, EarlyExitModel, EntropyExit, PatienceExit, SelfDistillation, entropy,
+)
 
 CONFIG = dict(vocab_size=60, hidden_size=32, num_hidden_layers=5, num_attention_heads=2, intermediate_size=48,
               max_position_embeddings=40)
@@ -125,10 +128,10 @@ def test_patience_on_regression_uses_threshold():
 def test_stage_freezing_and_pooler_copy():
     model = make_model("bert")
     model.off_ramps_trained = False
-    model.set_stage(1)
+    model.set_stage(HEAD)
     assert all(p.requires_grad for p in model.backbone.parameters())
     assert not any(p.requires_grad for p in model.off_ramps.parameters())
-    model.set_stage(2)
+    model.set_stage(OFF_RAMPS)
     assert not any(p.requires_grad for p in model.backbone.parameters())
     assert all(p.requires_grad for p in model.off_ramps.parameters())
     pooler = model.backbone.bert.pooler.dense
@@ -139,7 +142,7 @@ def test_stage_two_loss_is_sum_of_off_ramp_losses():
     model, inputs = make_model("bert"), batch()
     labels = torch.tensor([0, 1, 2, 0, 1, 2, 0, 1, 2])
     model.eval()  # no dropout, so the two computations see the same activations
-    loss = model(labels=labels, train_off_ramps=True, **inputs)["loss"]
+    loss = model(labels=labels, objective=OFF_RAMPS, **inputs)["loss"]
     every = model.all_exit_logits(**inputs)
     expected = sum(torch.nn.functional.cross_entropy(every[j], labels) for j in range(4))
     assert loss.item() == pytest.approx(expected.item(), rel=1e-5)
@@ -166,3 +169,64 @@ def test_off_ramps_of_another_shape_are_rejected(tmp_path):
     config = BertConfig.from_pretrained(str(tmp_path), num_labels=2)
     with pytest.raises(UserError, match="off-ramps were trained for 3 labels"):
         EarlyExitModel.from_pretrained(str(tmp_path), config=config, ignore_mismatched_sizes=True)
+
+
+def test_joint_loss_is_pabee_weighted_sum_and_trains_the_backbone():
+    model, inputs = make_model("bert"), batch()
+    labels = torch.tensor([0, 1, 2, 0, 1, 2, 0, 1, 2])
+    model.set_stage(JOINT)
+    assert all(p.requires_grad for p in model.parameters())
+    model.eval()  # no dropout, so the two computations see the same activations
+    loss = model(labels=labels, objective=JOINT, **inputs)["loss"]
+    every = model.all_exit_logits(**inputs)
+    per_exit = [torch.nn.functional.cross_entropy(every[j], labels).item() for j in range(5)]
+    # PABEE: sum_i i * loss_i / sum_i i over the 5 exits (4 off-ramps, then the head).
+    expected = (1 * per_exit[0] + 2 * per_exit[1] + 3 * per_exit[2] + 4 * per_exit[3] + 5 * per_exit[4]) / 15
+    assert loss.item() == pytest.approx(expected, rel=1e-5)
+    loss.backward()
+    embeddings = model.backbone.bert.embeddings.word_embeddings.weight
+    assert embeddings.grad is not None and embeddings.grad.abs().sum() > 0
+    assert all(p.grad is not None for p in model.off_ramps.parameters())
+    assert model.backbone.classifier.weight.grad.abs().sum() > 0
+
+
+def test_joint_loss_on_regression_weights_squared_errors():
+    model, inputs = make_model("bert", num_labels=1), batch()
+    labels = torch.linspace(0, 5, 9)
+    loss = model(labels=labels, objective=JOINT, **inputs)["loss"]
+    every = model.all_exit_logits(**inputs)[..., 0]
+    expected = sum((j + 1) * ((every[j] - labels) ** 2).mean().item() for j in range(5)) / 15
+    assert loss.item() == pytest.approx(expected, rel=1e-5)
+
+
+def test_self_distillation_mixes_the_heads_softened_predictions():
+    model, inputs = make_model("bert"), batch()
+    labels = torch.tensor([0, 1, 2, 0, 1, 2, 0, 1, 2])
+    distill = SelfDistillation(weight=0.25, temperature=2.0)
+    loss = model(labels=labels, objective=OFF_RAMPS, distill=distill, **inputs)["loss"]
+    every = model.all_exit_logits(**inputs)
+    expected = 0.0
+    for j in range(4):
+        hard = torch.nn.functional.cross_entropy(every[j], labels).item()
+        p_teacher = torch.softmax(every[-1] / 2.0, -1)
+        kl = (p_teacher * (p_teacher.log() - torch.log_softmax(every[j] / 2.0, -1))).sum(-1).mean().item()
+        expected += 0.75 * hard + 0.25 * 4.0 * kl  # the KL times T^2
+        assert kl == pytest.approx(soft_cross_entropy(every[j], every[-1], 2.0).item() / 4.0, rel=1e-4)
+    assert loss.item() == pytest.approx(expected, rel=1e-5)
+    loss.backward()  # the head is the teacher: the soft term must not train it (frozen in stage two anyway)
+    assert all(p.grad is not None for p in model.off_ramps.parameters())
+
+
+def test_rules_that_cannot_fire_run_the_plain_forward_without_off_ramps():
+    model, inputs = make_model("bert"), batch()
+    plain = model.backbone(**inputs).logits
+    ramp_calls = []
+    model.off_ramps[0].register_forward_hook(lambda m, a, out: ramp_calls.append(1))
+    for rule in (EntropyExit(0.0), PatienceExit(0), PatienceExit(4), None):  # 4 off-ramps: at most 3 agree
+        logits, exits = model.early_exit(rule, **inputs)
+        assert torch.equal(logits, plain) and exits.tolist() == [5] * 9
+    assert ramp_calls == []
+    # A rule that could fire but does not (no row under a tiny entropy) runs the off-ramps, same logits.
+    logits, exits = model.early_exit(EntropyExit(1e-12), **inputs)
+    assert torch.allclose(logits, plain, atol=1e-6) and exits.tolist() == [5] * 9
+    assert ramp_calls == [1]

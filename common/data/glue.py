@@ -366,3 +366,17 @@ def _pad_rows(tokenizer, rows_by_key: dict[str, list[list[int]]], width: int) ->
         arr[mask] = flat  # boolean assignment fills row by row, left to right
         out[k] = torch.from_numpy(arr)
     return out
+
+
+def split_calibration(features: dict[str, torch.Tensor], num_examples: int, seed: int
+                      ) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+    """(the rest, a calibration slice): `num_examples` rows drawn with `seed` from a featurized training set and
+    held out of it (both in file order), so that an early-exit threshold is chosen on rows the model was not
+    trained on and never on the dev set. The same seed and size give the same slice in a later run."""
+    total = len(next(iter(features.values())))
+    if not 0 < num_examples < total:
+        raise UserError(f"a calibration slice of {num_examples} rows cannot be held out of {total} training rows "
+                        f"(--calibration_examples must be between 1 and {total - 1})")
+    held = torch.zeros(total, dtype=torch.bool)
+    held[torch.randperm(total, generator=torch.Generator().manual_seed(seed))[:num_examples]] = True
+    return {k: v[~held] for k, v in features.items()}, {k: v[held] for k, v in features.items()}

@@ -4,11 +4,16 @@ The backbone is an unmodified `AutoModelForSequenceClassification` (BERT, RoBERT
 layers sit in one `nn.ModuleList`). An off-ramp (pooler + dropout + classifier, as DeeBERT's "highway")
 reads the hidden states after each of the first L-1 layers; after layer L the stock head decides.
 
-* Training stage two reads all layers' hidden states from one stock forward (`output_hidden_states=True`).
+* Training: DeeBERT's two stages (backbone + head, then the off-ramps on the frozen backbone, all layers'
+  hidden states from one stock forward with `output_hidden_states=True`), or PABEE's joint training (backbone
+  and every exit at once, on the loss of exit i weighted by i). Off-ramps may also learn the final head's
+  softened predictions (FastBERT's self-distillation).
 * Early exit runs the stock forward with a pre-hook on every layer: before layer j runs, the off-ramp after
   layer j-1 scores the rows still in the batch, rows whose exit rule fires leave with those logits, and the
   layer (and every later one) only computes the rows that stay. No row waits for the slowest one, so early
-  exit saves compute at every batch size, not only at batch size 1 as in the original.
+  exit saves compute at every batch size, not only at batch size 1 as in the original. A rule that cannot
+  fire (entropy threshold 0, patience 0 or longer than the off-ramps) runs the plain forward: no hooks, no
+  off-ramps.
 
 The off-ramps are saved beside the stock checkpoint (`off_ramps.safetensors` + `off_ramps.json`), so the
 folder still loads in plain transformers as an ordinary classifier.
@@ -16,6 +21,7 @@ folder still loads in plain transformers as an ordinary classifier.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 from dataclasses import dataclass
@@ -26,19 +32,24 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 from transformers import AutoModelForSequenceClassification, PreTrainedModel
 
+from common.distillation import soft_cross_entropy
 from common.errors import UserError
 from common.pretrained import find_encoder_layers
 
 OFF_RAMPS_WEIGHTS = "off_ramps.safetensors"
 OFF_RAMPS_CONFIG = "off_ramps.json"
-# Checkpoint folder prefixes of DeeBERT's two training stages (backbone + head, then the off-ramps).
-STAGE1, STAGE2 = "checkpoint-stage1", "checkpoint-stage2"
+# Checkpoint folder prefixes of DeeBERT's two training stages (backbone + head, then the off-ramps) and of
+# PABEE's single joint stage.
+STAGE1, STAGE2, JOINT_STAGE = "checkpoint-stage1", "checkpoint-stage2", "checkpoint-joint"
+# What a training step optimises (EarlyExitModel.forward's `objective`; set_stage's trainable parts).
+HEAD, OFF_RAMPS, JOINT = "head", "off_ramps", "joint"
 
 
 def entropy(logits: torch.Tensor) -> torch.Tensor:
-    """Entropy (nats) of softmax(logits) per row, computed stably: logsumexp(x) - sum(softmax(x) * x)."""
-    logits = logits.float()
-    return torch.logsumexp(logits, dim=-1) - (torch.softmax(logits, dim=-1) * logits).sum(dim=-1)
+    """Entropy (nats) of softmax(logits) per row, -sum(p * log p) from a stable log-softmax (few kernels: early
+    exit computes it after every layer)."""
+    log_p = torch.log_softmax(logits.float(), dim=-1)
+    return -(log_p.exp() * log_p).sum(dim=-1)
 
 
 class OffRamp(nn.Module):
@@ -51,8 +62,12 @@ class OffRamp(nn.Module):
         self.classifier = nn.Linear(hidden_size, num_labels)
 
     def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
-        pooled = torch.tanh(self.pooler(hidden_states[:, 0]))
-        return self.classifier(self.dropout(pooled))
+        # The linear layers as functions and dropout only in training: early exit runs this after every layer,
+        # where each module call's overhead counts at batch size 1.
+        pooled = torch.tanh(nn.functional.linear(hidden_states[:, 0], self.pooler.weight, self.pooler.bias))
+        if self.training:
+            pooled = self.dropout(pooled)
+        return nn.functional.linear(pooled, self.classifier.weight, self.classifier.bias)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -71,9 +86,27 @@ class EntropyExit:
     def decide(self, logits: torch.Tensor, state: dict[str, torch.Tensor]) -> torch.Tensor:
         return entropy(logits) < self.threshold
 
+    def can_exit(self, num_off_ramps: int) -> bool:
+        return self.threshold > 0 and num_off_ramps > 0  # entropy is never below 0
+
     @property
     def label(self) -> str:
         return f"entropy={self.threshold:g}"
+
+
+@dataclass(frozen=True)
+class NeverFires(EntropyExit):
+    """For measuring: early exit's whole machinery (hooks, every off-ramp, the entropy check and its host sync
+    per layer) with a threshold no entropy is below: what early exit costs when no row leaves."""
+
+    threshold: float = -1.0
+
+    def can_exit(self, num_off_ramps: int) -> bool:
+        return True
+
+    @property
+    def label(self) -> str:
+        return "machinery only (never fires)"
 
 
 @dataclass(frozen=True)
@@ -102,6 +135,10 @@ class PatienceExit:
         state["previous"] = current
         # patience 0 would exit at the first off-ramp whatever it says; PABEE treats it as "never exit".
         return state["count"] >= self.patience if self.patience > 0 else torch.zeros_like(agree)
+
+    def can_exit(self, num_off_ramps: int) -> bool:
+        # n off-ramps give at most n - 1 agreements in a row.
+        return 0 < self.patience < num_off_ramps
 
     @property
     def label(self) -> str:
@@ -142,6 +179,32 @@ def task_loss(logits: torch.Tensor, labels: torch.Tensor, regression: bool) -> t
     if regression:
         return nn.functional.mse_loss(logits.squeeze(-1).float(), labels.float())
     return nn.functional.cross_entropy(logits.float(), labels)
+
+
+@dataclass(frozen=True)
+class SelfDistillation:
+    """FastBERT's self-distillation: an off-ramp's loss is (1 - weight) * its task loss + weight * its distance
+    to the final head's prediction (the teacher, never updated through this term): KL between the
+    temperature-softened distributions (times T^2) for classification, the squared error for regression.
+    weight 1 is FastBERT (off-ramps learn from the head alone), 0 is DeeBERT/PABEE (labels alone)."""
+
+    weight: float
+    temperature: float = 1.0
+
+    def off_ramp_loss(self, logits: torch.Tensor, labels: torch.Tensor, teacher: torch.Tensor,
+                      regression: bool) -> torch.Tensor:
+        hard = task_loss(logits, labels, regression)
+        if self.weight == 0:
+            return hard
+        teacher = teacher.detach()
+        if regression:
+            soft = nn.functional.mse_loss(logits.squeeze(-1).float(), teacher.squeeze(-1).float())
+        else:
+            soft = soft_cross_entropy(logits, teacher, self.temperature)
+        return (1 - self.weight) * hard + self.weight * soft
+
+
+NO_DISTILLATION = SelfDistillation(0.0)
 
 
 class EarlyExitModel(nn.Module):
@@ -212,15 +275,18 @@ class EarlyExitModel(nn.Module):
 
     # -- training -----------------------------------------------------------------------------------------
 
-    def set_stage(self, stage: int) -> None:
-        """Stage 1 trains the backbone and its head; stage 2 freezes them and trains the off-ramps (DeeBERT).
-        Stage 2 starts each off-ramp's pooler from the fine-tuned head's pooler, as DeeBERT copied the
+    def set_stage(self, trainable: str | None) -> None:
+        """Which parts train: HEAD (DeeBERT stage one: the backbone and its head), OFF_RAMPS (stage two: the
+        off-ramps on the frozen backbone), JOINT (PABEE: everything), None (nothing). Off-ramps about to be
+        trained for the first time start their pooler from the model's own pooler, as DeeBERT copied the
         pre-trained pooler into its highways."""
+        if trainable not in (HEAD, OFF_RAMPS, JOINT, None):
+            raise ValueError(f"unknown training stage {trainable!r}")
         for p in self.backbone.parameters():
-            p.requires_grad_(stage == 1)
+            p.requires_grad_(trainable in (HEAD, JOINT))
         for p in self.off_ramps.parameters():
-            p.requires_grad_(stage == 2)
-        if stage == 2 and not self.off_ramps_trained:
+            p.requires_grad_(trainable in (OFF_RAMPS, JOINT))
+        if trainable in (OFF_RAMPS, JOINT) and not self.off_ramps_trained:
             source = _pooler_dense(self.backbone)
             if source is not None:
                 with torch.no_grad():
@@ -229,15 +295,26 @@ class EarlyExitModel(nn.Module):
                         ramp.pooler.bias.copy_(source.bias)
             self.off_ramps_trained = True
 
-    def forward(self, labels: torch.Tensor, train_off_ramps: bool = False, **inputs: torch.Tensor) -> dict:
-        """The training loss: the stock model's (stage 1) or the sum of the off-ramps' losses (stage 2)."""
-        if not train_off_ramps:
-            out = self.backbone(**inputs, labels=labels)
-            return {"loss": out.loss}
-        with torch.no_grad():
-            hidden = self.backbone(**inputs, output_hidden_states=True).hidden_states
-        losses = [task_loss(ramp(hidden[i + 1]), labels, self.regression) for i, ramp in enumerate(self.off_ramps)]
-        return {"loss": torch.stack(losses).sum()}
+    def forward(self, labels: torch.Tensor, objective: str = HEAD, distill: SelfDistillation = NO_DISTILLATION,
+                **inputs: torch.Tensor) -> dict:
+        """The training loss of `objective`: HEAD, the stock model's (DeeBERT stage one); OFF_RAMPS, the sum of
+        the off-ramps' losses on the frozen backbone (stage two); JOINT, PABEE's weighted average over every exit,
+        sum_i i * loss_i / sum_i i (i = 1..L, the last exit being the head), backbone included. `distill` mixes
+        the final head's softened predictions into the off-ramps' losses. Also returns each exit's loss."""
+        if objective == HEAD:
+            return {"loss": self.backbone(**inputs, labels=labels).loss}
+        if objective not in (OFF_RAMPS, JOINT):
+            raise ValueError(f"unknown training objective {objective!r}")
+        with torch.no_grad() if objective == OFF_RAMPS else contextlib.nullcontext():
+            out = self.backbone(**inputs, output_hidden_states=True)
+        losses = [distill.off_ramp_loss(ramp(out.hidden_states[i + 1]), labels, out.logits, self.regression)
+                  for i, ramp in enumerate(self.off_ramps)]
+        if objective == OFF_RAMPS:
+            return {"loss": torch.stack(losses).sum(), "exit_losses": torch.stack(losses).detach()}
+        losses.append(task_loss(out.logits, labels, self.regression))
+        stacked = torch.stack(losses)
+        weights = torch.arange(1, len(losses) + 1, device=stacked.device, dtype=stacked.dtype)
+        return {"loss": (weights * stacked).sum() / weights.sum(), "exit_losses": stacked.detach()}
 
     # -- inference ----------------------------------------------------------------------------------------
 
@@ -252,42 +329,44 @@ class EarlyExitModel(nn.Module):
     def early_exit(self, rule: ExitRule | None, **inputs: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Logits [B, C] and 1-based exit layer [B] of each row under `rule` (None: every row runs all layers).
 
-        Rows leave the batch as they exit; later layers only compute the rows that remain.
+        Rows leave the batch as they exit; later layers only compute the rows that remain. A rule that cannot
+        fire costs nothing: the plain forward runs, without hooks or off-ramps.
         """
         batch_size = inputs["input_ids"].shape[0]
         device = inputs["input_ids"].device
-        num_labels = self.backbone.config.num_labels
-        logits_out = torch.empty(batch_size, num_labels, device=device)
         exit_layer = torch.full((batch_size,), self.num_layers, dtype=torch.long, device=device)
-        if rule is None:
-            logits_out.copy_(self.backbone(**inputs).logits.float())
-            return logits_out, exit_layer
+        if rule is None or not rule.can_exit(len(self.off_ramps)):
+            return self.backbone(**inputs).logits.float(), exit_layer
 
-        active = torch.arange(batch_size, device=device)  # original row of each row still in the batch
+        logits_out = torch.empty(batch_size, self.backbone.config.num_labels, device=device)
+        rows = _RowSelection(batch_size, device)
         state = rule.init_state(batch_size, device)
 
         def pre_hook(layer_index: int):
+            ramp = self.off_ramps[layer_index - 1]
+
             def hook(module: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict] | None:
-                nonlocal active, state
+                nonlocal state
                 hidden = args[0] if args else kwargs["hidden_states"]
-                logits = self.off_ramps[layer_index - 1](hidden).float()
+                logits = ramp(hidden).float()
                 leave = rule.decide(logits, state)
-                if bool(leave.any()):
-                    logits_out[active[leave]] = logits[leave]
-                    exit_layer[active[leave]] = layer_index
+                if leave.any():  # the one host sync per layer: whether the batch shrinks
+                    leaving = rows.active[leave]
+                    logits_out[leaving] = logits[leave]
+                    exit_layer[leaving] = layer_index
                     stay = ~leave
-                    if not bool(stay.any()):
+                    if not stay.any():
                         raise _AllExited
-                    active = active[stay]
+                    rows.keep(stay)
                     state = {k: v[stay] for k, v in state.items()}
                     hidden = hidden[stay]
-                if len(active) == batch_size:
-                    return None
+                elif not rows.shrunk:
+                    return None  # the common case: nobody has left, nothing to cut
                 # The encoder hands every layer the full-batch attention mask (and any other per-row tensor):
-                # cut those to the rows still running; the hidden states were cut above.
-                kwargs = _take_rows(kwargs, active, batch_size)
+                # cut those to the rows still running (once per shrink, not per layer).
+                kwargs = rows.take(kwargs)
                 if args:
-                    return (hidden, *_take_rows(args[1:], active, batch_size)), kwargs
+                    return (hidden, *rows.take(args[1:])), kwargs
                 return args, {**kwargs, "hidden_states": hidden}
 
             return hook
@@ -296,7 +375,10 @@ class EarlyExitModel(nn.Module):
         handles = [layers[j].register_forward_pre_hook(pre_hook(j), with_kwargs=True) for j in range(1, len(layers))]
         try:
             final = self.backbone(**inputs).logits.float()
-            logits_out[active] = final
+            if rows.shrunk:
+                logits_out[rows.active] = final
+            else:
+                logits_out = final
         except _AllExited:
             pass
         finally:
@@ -305,15 +387,35 @@ class EarlyExitModel(nn.Module):
         return logits_out, exit_layer
 
 
-def _take_rows(obj: Any, rows: torch.Tensor, batch_size: int) -> Any:
-    """Select `rows` of every tensor whose first dimension is the full batch (attention mask, per-row position
-    ids); broadcast tensors (first dimension 1) and everything else pass unchanged."""
-    if isinstance(obj, torch.Tensor):
-        return obj.index_select(0, rows) if obj.dim() > 0 and obj.shape[0] == batch_size > 1 else obj
-    if isinstance(obj, tuple):
-        return tuple(_take_rows(o, rows, batch_size) for o in obj)
-    if isinstance(obj, list):
-        return [_take_rows(o, rows, batch_size) for o in obj]
-    if isinstance(obj, Mapping):
-        return {k: _take_rows(v, rows, batch_size) for k, v in obj.items()}
-    return obj
+class _RowSelection:
+    """The rows of the batch still running (`active`, their original indices) and the full-batch tensors the
+    encoder passes to every layer, cut to those rows; the cut copies are kept until the batch shrinks again, so
+    a 4-D attention mask is cut once per shrink, not once per layer."""
+
+    def __init__(self, batch_size: int, device: torch.device) -> None:
+        self.batch_size = batch_size
+        self.active = torch.arange(batch_size, device=device)
+        self.shrunk = False
+        self._cut: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+
+    def keep(self, stay: torch.Tensor) -> None:
+        self.active = self.active[stay]
+        self.shrunk = True
+        self._cut = {}
+
+    def take(self, obj: Any) -> Any:
+        if isinstance(obj, torch.Tensor):
+            if not (obj.dim() > 0 and obj.shape[0] == self.batch_size > 1):
+                return obj  # broadcast (first dimension 1) or not per row
+            cached = self._cut.get(id(obj))
+            if cached is None or cached[0] is not obj:
+                cached = (obj, obj.index_select(0, self.active))
+                self._cut[id(obj)] = cached
+            return cached[1]
+        if isinstance(obj, tuple):
+            return tuple(self.take(o) for o in obj)
+        if isinstance(obj, list):
+            return [self.take(o) for o in obj]
+        if isinstance(obj, Mapping):
+            return {k: self.take(v) for k, v in obj.items()}
+        return obj
