@@ -4,6 +4,8 @@ returned, the record of the environment, plain-text tables, and the ABBA order o
 from __future__ import annotations
 
 import argparse
+import contextlib
+import fcntl
 import json
 import os
 import platform
@@ -11,7 +13,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from typing import Any, Callable, Mapping, Sequence
+from typing import Any, Callable, Iterator, Mapping, Sequence
 
 from common.args import script_parser
 from common.errors import RESULTS_ENV, UserError
@@ -82,6 +84,29 @@ def bench_parser(doc: str, model_help: str) -> argparse.ArgumentParser:
     parser = script_parser(doc)
     parser.add_argument("--model_name_or_path", required=True, help=model_help)
     return parser
+
+
+def add_timing_lock_arg(parser: argparse.ArgumentParser) -> None:
+    """--timing_lock: a file to hold an exclusive lock on while timing (one benchmark at a time on a shared
+    machine)."""
+    parser.add_argument("--timing_lock", default=None,
+                        help="A file to hold an exclusive lock on (flock) while timing, e.g. /work/bench.lock: "
+                             "benchmarks sharing a machine then time one at a time.")
+
+
+@contextlib.contextmanager
+def timing_lock(path: str | None) -> Iterator[None]:
+    """Hold an exclusive flock on `path` (when given) while timing: one benchmark at a time on the machine."""
+    if not path:
+        yield
+        return
+    with open(path, "a") as f:
+        print(f"Waiting for the lock on {path}", flush=True)
+        fcntl.flock(f, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
 
 
 def new_record(script: str, args: argparse.Namespace, argv: Sequence[str] | None) -> dict[str, Any]:

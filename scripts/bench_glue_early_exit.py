@@ -32,8 +32,6 @@ torch runs one thread unless --torch_threads says otherwise.
 from __future__ import annotations
 
 import argparse
-import contextlib
-import fcntl
 import json
 import os
 import random
@@ -41,10 +39,13 @@ import shutil
 import sys
 import time
 from dataclasses import dataclass
-from typing import Any, Iterator, Sequence
+from typing import Any, Sequence
 
 from common.args import answering_help
-from common.bench import abba_order, bench_parser, format_table, load_average, new_record, run_script, write_record
+from common.bench import (
+    abba_order, add_timing_lock_arg, bench_parser, format_table, load_average, new_record, run_script, timing_lock,
+    write_record,
+)
 from common.data.glue_tasks import TASKS
 from common.errors import UserError, run_cli
 
@@ -113,8 +114,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--reuse_models", action="store_true",
                         help="Evaluate and time the models a previous run of this bench left in --output_dir (each "
                              "model folder's fine_tune.json) instead of training them again.")
-    parser.add_argument("--timing_lock", default=None,
-                        help="A file to hold an exclusive lock on (flock) while timing, e.g. /work/bench.lock.")
+    add_timing_lock_arg(parser)
     parser.add_argument("--throughput_steps", default=0, type=int,
                         help="Optimizer steps of each training-throughput run (0: skip those runs).")
     parser.add_argument("--throughput_repeats", default=2, type=int,
@@ -352,21 +352,6 @@ def accuracy(args: argparse.Namespace, model: EarlyExitModel, features: dict[str
             "full_model": per_layer[-1], "per_layer": per_layer,
             "sweep": [rule_point(task, r, every, labels) for r in rules],
             "chosen": rule_point(task, chosen, every, labels)}
-
-
-@contextlib.contextmanager
-def timing_lock(path: str | None) -> Iterator[None]:
-    """Hold an exclusive flock on `path` (when given) while timing: one benchmark at a time on the machine."""
-    if not path:
-        yield
-        return
-    with open(path, "a") as f:
-        print(f"Waiting for the lock on {path}", flush=True)
-        fcntl.flock(f, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(f, fcntl.LOCK_UN)
 
 
 def run_pass(model: EarlyExitModel, data: list[dict[str, torch.Tensor]], rule: ExitRule | None) -> float:

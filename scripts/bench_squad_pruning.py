@@ -22,7 +22,7 @@ subsets (--train_questions / --eval_questions, whole paragraphs) so that the who
    tested in tests/test_masked.py);
 4. times CPU inference of every deployable model (dense, bertarized, shrunk) in one process, in ABBA order
    (A B C D D C B A, --latency_rounds times), on held-out windows padded to --latency_length tokens, at batch 1
-   and at --latency_batch_size, after a warm-up; with --lock_file the timing holds an exclusive lock on it
+   and at --latency_batch_size, after a warm-up; with --timing_lock the timing holds an exclusive lock on it
    (flock), so that other benchmarks sharing the machine do not run at the same time.
 
     python scripts/bench_squad_pruning.py --model_name_or_path <all-MiniLM-L6-v2 folder> \\
@@ -35,18 +35,18 @@ Prints a table and writes everything, with the environment and the load average,
 from __future__ import annotations
 
 import argparse
-import fcntl
 import json
 import os
 import random
 import statistics
 import sys
 import time
-from contextlib import contextmanager
-from typing import Any, Iterator, Sequence
+from typing import Any, Sequence
 
 from common.args import answering_help
-from common.bench import bench_parser, format_table, load_average, new_record, run_script, write_record
+from common.bench import (
+    add_timing_lock_arg, bench_parser, format_table, load_average, new_record, run_script, timing_lock, write_record,
+)
 from common.errors import UserError, run_cli
 
 if not answering_help(__name__):  # -h/--help answers at once: argparse needs none of what follows
@@ -90,8 +90,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--latency_length", default=384, type=int, help="Tokens per timed window (padded).")
     parser.add_argument("--latency_rounds", default=2, type=int,
                         help="ABBA rounds: each model is timed 2 x rounds times, in order A B C D D C B A.")
-    parser.add_argument("--lock_file", default=None,
-                        help="Hold an exclusive flock on this file while timing (one benchmark at a time).")
+    add_timing_lock_arg(parser)
     parser.add_argument("--featurize_full_file", action=argparse.BooleanOptionalAction, default=True,
                         help="Time the featurization of the whole --squad_file.")
     parser.add_argument("--seed", default=42, type=int, help="Seed of the split, the subsets and training.")
@@ -267,20 +266,6 @@ def forward_ms(model: Any, batches: list[dict[str, torch.Tensor]]) -> list[float
     return times
 
 
-@contextmanager
-def exclusive(lock_file: str | None) -> Iterator[None]:
-    """Hold an exclusive flock on `lock_file` (nothing without one)."""
-    if lock_file is None:
-        yield
-        return
-    with open(lock_file, "a+") as f:
-        fcntl.flock(f, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(f, fcntl.LOCK_UN)
-
-
 def time_models(args: argparse.Namespace, models: dict[str, str], dev: dict[str, torch.Tensor]) -> dict[str, Any]:
     """Latency of every model in one process, in ABBA order (A B C D D C B A per round), after a warm-up."""
     singles = timing_windows(dev, args.latency_examples, 1, args.latency_length)
@@ -410,7 +395,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
 
     dev = squad.featurize(squad.read_squad(os.path.join(data_dir, "dev-v1.1.json"), False), tokenizer,
                           384, 128, 64, is_training=False)
-    with exclusive(args.lock_file):
+    with timing_lock(args.timing_lock):
         t0 = time.perf_counter()
         bench["load_before_timing"] = load_average()
         bench["latency"] = time_models(args, deployables, dev)
