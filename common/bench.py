@@ -46,12 +46,13 @@ def load_average() -> list[float] | None:
     return [round(x, 2) for x in os.getloadavg()] if hasattr(os, "getloadavg") else None
 
 
-def environment(device: str) -> dict[str, Any]:
+def environment() -> dict[str, Any]:
     """Versions, CPUs, torch threads and the device: what the timings depend on."""
     # Imported here, not at the top: a bench's --help answers without loading torch and transformers.
     import torch
     import transformers
 
+    device = "cuda" if torch.cuda.is_available() else "cpu"
     return {
         "python": platform.python_version(), "platform": platform.platform(), "torch": torch.__version__,
         "transformers": transformers.__version__, "cpu_count": os.cpu_count(),
@@ -120,9 +121,7 @@ def write_record(out: str, bench: dict[str, Any], wall: dict[str, float], start:
     write it atomically to <out>/bench_results.json and print its report."""
     wall["total"] = time.perf_counter() - start
     bench["wall_seconds"] = wall
-    import torch  # see environment()
-
-    bench["environment"] = {**environment("cuda" if torch.cuda.is_available() else "cpu"),
+    bench["environment"] = {**environment(),
                             "load_average_1_5_15min_before": load_before,
                             "load_average_1_5_15min_after": load_average()}
     path = os.path.join(out, "bench_results.json")
