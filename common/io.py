@@ -14,7 +14,7 @@ import os
 import re
 import shutil
 import uuid
-from typing import TYPE_CHECKING, Any, Callable, Iterator, Mapping
+from typing import TYPE_CHECKING, Any, Callable, Iterator, Mapping, Sequence
 
 from safetensors import SafetensorError
 
@@ -138,15 +138,19 @@ def current_umask() -> int:
     return mask
 
 
-def save_folder_atomic(save: Callable[[str], None], dest: str) -> None:
+def save_folder_atomic(save: Callable[[str], None], dest: str, obsolete: Sequence[str] = ()) -> None:
     """Run `save(folder)` into a temporary folder next to `dest`'s files, then move each file into `dest`:
     a crash while saving leaves the previous files (or none), never a half-written model beside good ones.
-    (`dest` itself may hold other things, such as checkpoints and results, which are kept.)"""
+    (`dest` itself may hold other things, such as checkpoints and results, which are kept.) `obsolete`: names
+    an earlier save may have left in `dest` that would misdescribe the new one; removed before it moves in."""
     tmp = temp_name(os.path.join(dest, "saving"))
     try:
         with writing(dest):
             os.makedirs(tmp)
             save(tmp)
+            for name in obsolete:
+                if not os.path.exists(os.path.join(tmp, name)):
+                    remove_path(os.path.join(dest, name))
             for name in os.listdir(tmp):
                 target = os.path.join(dest, name)
                 if os.path.isdir(target) and not os.path.islink(target):

@@ -201,7 +201,8 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
             model.save_pretrained(folder)
         copy_tokenizer(source, folder)
 
-    save_folder_atomic(save, target)
+    # A plain save over a folder once shrunk must not keep its layout (it would describe the old widths).
+    save_folder_atomic(save, target, obsolete=(shrink_lib.LAYOUT_FILE,))
     report["dense_bytes"] = masked.weights_bytes(target)
     print(f"Saved a {'shrunk' if args.shrink else 'standard'} checkpoint to {target} "
           f"({report['dense_bytes'] / 1e6:.2f} MB of weights)")

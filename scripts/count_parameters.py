@@ -20,6 +20,7 @@ the dense model of its config.
 from __future__ import annotations
 
 import argparse
+import copy
 import os
 import sys
 from typing import Any, Sequence
@@ -69,8 +70,10 @@ def count_masked(folder: str, args: argparse.Namespace) -> tuple[dict[str, tuple
 def count_shrunk(folder: str) -> tuple[dict[str, tuple[int, int]], int, str, list[dict[str, int]]]:
     """(non-zero, dense total) of each encoder matrix of a shrunk folder, and the heads and neurons it keeps."""
     model = shrink.load_shrunk_model(folder)
+    dense_config = copy.deepcopy(model.config)  # a stock-loadable shrunk config states the shrunk FFN width
+    dense_config.intermediate_size = shrink.read_layout(folder)["intermediate_size"]
     with torch.device("meta"):  # the dense model's shapes
-        full = masked.build_model(model.config)
+        full = masked.build_model(dense_config)
     prefix = masked.encoder_layers_prefix(model)
     full_modules = dict(full.named_modules())
     counts, others = {}, 0

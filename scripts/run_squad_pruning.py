@@ -317,6 +317,10 @@ def has_qa_head(path: str) -> bool:
 def load_student(path: str, args: argparse.Namespace, run: Run) -> Any:
     """The model to train: a stock checkpoint gets its encoder's linear layers masked (a masked folder, e.g. a
     checkpoint to resume, keeps its own masks)."""
+    if os.path.isdir(path) and shrink.is_shrunk_folder(path):
+        # Neither the masked saver nor save_pretrained records per-layer widths: what training wrote would not load.
+        raise UserError(f"{path} is a shrunk model (bertarize.py --shrink): it can be evaluated or used for "
+                        "predictions, not trained further; train from the masked or the bertarized folder instead")
     model = load_model(path, args, run.model_type)
     if masked.is_masked(model):
         if not run.masked:

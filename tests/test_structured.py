@@ -5,7 +5,9 @@ fraction of the encoder's weights."""
 
 from __future__ import annotations
 
+import importlib
 import json
+import os
 
 import pytest
 import torch
@@ -15,6 +17,7 @@ from transformers import (
 )
 
 from common.errors import UserError
+from common.io import save_folder_atomic
 from common.models import masked, shrink
 
 HEADS, HIDDEN, FFN = 4, 32, 16  # head size 8
@@ -164,6 +167,8 @@ def test_tampered_layouts_are_refused(tmp_path):
     tampered(lambda d: d["layers"].pop(), "lists 2 layers, the config has 3")
     tampered(lambda d: d["layers"][1].update(heads=[1, 1]), "not distinct increasing indices")
     tampered(lambda d: d.update(version=7), "not a version-1 shrink layout")
+    tampered(lambda d: d["layers"].__setitem__(0, 3), "layer 0 is 3, not a record")
+    tampered(lambda d: d.update(intermediate_size="64"), "intermediate_size '64' is not a whole number")
     path.write_text("{")
     with pytest.raises(UserError, match="cannot read"):
         shrink.load_shrunk_model(str(tmp_path))
@@ -185,6 +190,30 @@ def test_stock_from_pretrained_loads_a_model_with_all_heads_and_one_ffn_width(tm
     stock = AutoModelForQuestionAnswering.from_pretrained(str(tmp_path)).eval()
     assert stock.config.intermediate_size == FFN // 4
     assert torch.allclose(logits(stock), reference, atol=1e-5)
+    # Counted against the dense widths, not the shrunk config's intermediate_size: every head, a quarter of
+    # the neurons.
+    counted = importlib.import_module("count_parameters").main(["--serialization_dir", str(tmp_path)])
+    attention, ffn = 4 * HIDDEN * HIDDEN, 2 * HIDDEN * FFN
+    assert counted["encoder"]["total"] == 3 * (attention + ffn)
+    assert counted["encoder"]["kept"] == 3 * (attention + ffn // 4)
+
+
+def test_a_plain_save_over_a_shrunk_folder_drops_its_layout(tmp_path):
+    (tmp_path / shrink.LAYOUT_FILE).write_text("{}")
+    save_folder_atomic(lambda folder: open(os.path.join(folder, "config.json"), "w").close(), str(tmp_path),
+                       obsolete=(shrink.LAYOUT_FILE,))
+    assert sorted(os.listdir(tmp_path)) == ["config.json"]
+    save_folder_atomic(lambda folder: open(os.path.join(folder, shrink.LAYOUT_FILE), "w").close(), str(tmp_path),
+                       obsolete=(shrink.LAYOUT_FILE,))  # a save that writes it replaces it
+    assert sorted(os.listdir(tmp_path)) == ["config.json", shrink.LAYOUT_FILE]
+
+
+def test_training_from_a_shrunk_folder_is_refused(tmp_path):
+    model = uneven_masked("bert")
+    masked.fold_masks(model)
+    shrink.save_shrunk_model(model, shrink.shrink_model(model), str(tmp_path))
+    with pytest.raises(UserError, match="shrunk model .* not trained further"):
+        importlib.import_module("run_squad_pruning").load_student(str(tmp_path), None, None)
 
 
 @pytest.mark.parametrize("structure", ["heads_neurons", "blocks"])

@@ -188,7 +188,11 @@ def _layout_problem(layout: Mapping[str, Any], config: Any, n_layers: int) -> st
         return f"it lists {len(layers) if isinstance(layers, list) else 'no'} layers, the config has {n_layers}"
     if layout.get("head_size") != head_size(config):
         return f"its head size {layout.get('head_size')} is not the config's {head_size(config)}"
+    if not isinstance(layout.get("intermediate_size"), int):
+        return f"its intermediate_size {layout.get('intermediate_size')!r} is not a whole number"
     for i, entry in enumerate(layers):
+        if not isinstance(entry, dict):
+            return f"layer {i} is {entry!r}, not a record of its heads and neurons"
         heads, neurons = entry.get(HEADS), entry.get(NEURONS)
         if (not isinstance(heads, list) or not all(isinstance(h, int) and 0 <= h < config.num_attention_heads
                                                    for h in heads) or heads != sorted(set(heads))):
