@@ -18,7 +18,8 @@ saves it with the model, and later evaluation-only runs use it.
     python scripts/run_glue_early_exit.py ...same flags... --training_scheme joint --max_metric_drop 0.01
     torchrun --nproc_per_node=4 scripts/run_glue_early_exit.py ...same flags...
 
-Writes into --output_dir: the model (a stock transformers checkpoint plus off_ramps.safetensors),
+Writes into --output_dir: the model (a stock transformers checkpoint plus off_ramps.safetensors; held_out.json
+says which training rows it never saw),
 eval_results.json / eval_results.txt, early_exit.json (with --max_metric_drop), early_exit_sweep.json,
 metric_per_layer.png, early_exit_sweep.png, log_history.jsonl, TensorBoard events under runs/,
 checkpoint-stage{1,2}-NNNNNN/ (two_stage) or checkpoint-joint-NNNNNN/ (joint) folders and run_args.json.
@@ -54,8 +55,8 @@ if not answering_help(__name__):  # -h/--help answers at once: argparse needs no
     from common.data import glue
     from common.data.glue import eval_tasks
     from common.distributed import DistContext, barrier
-    from common.early_exit import choose_rule, load_choice, rule_from_choice, save_choice
-    from common.io import write_json_atomic, write_text_atomic
+    from common.early_exit import CHOSEN_THRESHOLD, choose_rule, load_choice, rule_from_choice, save_choice
+    from common.io import remove_path, write_json_atomic, write_text_atomic
     from common.model_card import write_model_card
     from common.results import flat_metrics, train_metrics, write_run_results
     from common.loaders import load_tokenizer as load_fast_tokenizer
@@ -72,6 +73,7 @@ logger = logging.getLogger("run_glue_early_exit")
 MODEL_TYPES = ("bert", "roberta")
 DEFAULT_ENTROPY_SWEEP = (0.0, 0.05, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7)
 DEFAULT_PATIENCE_SWEEP = (1, 2, 3, 4)
+HELD_OUT = "held_out.json"  # in every checkpoint and the final model: the training rows kept out of training
 
 
 # The built-in demo trains a tiny BERT from scratch: it needs a larger learning rate and more epochs than
@@ -250,7 +252,7 @@ def resolve_run(args: argparse.Namespace, ctx: DistContext) -> Run:
         # Evaluation only: the model folder is where results belong when no --output_dir is given.
         output_dir = model_path if os.path.isdir(model_path) else output_dir
     plot_dir = args.plot_data_dir or output_dir
-    given = [e for e in args.early_exit_entropy or [] if e != -1] or args.patience
+    given = args.early_exit_entropy is not None or args.patience is not None  # -1 too: "no entropy exit"
     if not args.do_train and not given and args.max_metric_drop is None and os.path.isdir(model_path):
         choice = load_choice(model_path)
         if choice is not None:
@@ -353,7 +355,14 @@ def train_stages(ctx: DistContext, args: argparse.Namespace, run: Run, model: Ea
     """--training_scheme two_stage (DeeBERT): (1) backbone and final classifier, (2) the off-ramps on the frozen
     backbone; joint (PABEE): one stage, everything on the weighted loss of every exit. The off-ramps learn at
     --off_ramp_learning_rate in both. A resumed run continues in the stage its checkpoint belongs to."""
-    save = model_saver(model, tokenizer)
+    held_out = held_out_rows(args)
+    check_held_out(run.resume, held_out)
+    save_model = model_saver(model, tokenizer)
+
+    def save(folder: str) -> None:
+        save_model(folder)
+        write_json_atomic(os.path.join(folder, HELD_OUT), held_out)
+
     summary: dict[str, Any] = {"num_examples": int(len(train_set["labels"])), "scheme": args.training_scheme}
     distill = SelfDistillation(args.self_distillation_weight if args.self_distillation else 0.0,
                                args.self_distillation_temperature)
@@ -395,7 +404,37 @@ def train_stages(ctx: DistContext, args: argparse.Namespace, run: Run, model: Ea
           tb_writer=open_writer(), resume_from=run.resume)
     model.set_stage(None)
     save_final_model(ctx, save, run.output_dir)
+    if ctx.is_main and args.max_metric_drop is None:
+        remove_path(os.path.join(run.output_dir, CHOSEN_THRESHOLD))  # chosen for weights this run replaced
     return summary
+
+
+def held_out_rows(args: argparse.Namespace) -> dict[str, Any]:
+    """Which training rows this run keeps out of training (--max_metric_drop's calibration slice), saved in
+    every checkpoint and the final model."""
+    if args.max_metric_drop is None:
+        return {"calibration_examples": 0}
+    return {"calibration_examples": args.calibration_examples, "seed": args.seed}
+
+
+def check_held_out(resume: str | None, held_out: dict[str, Any]) -> None:
+    """A resume must hold out the rows the checkpoint's training held out: other ones would put trained-on rows
+    in the calibration slice (an optimistic threshold), or train on rows the choice then treats as unseen."""
+    if resume is None:
+        return
+    path = os.path.join(resume, HELD_OUT)
+    before = {"calibration_examples": 0}  # checkpoints from before this file trained on every row
+    if os.path.isfile(path):
+        with open(path, encoding="utf-8") as f:
+            before = json.load(f)
+    if before != held_out:
+        def describe(rows: dict[str, Any]) -> str:
+            if not rows["calibration_examples"]:
+                return "no rows (no --max_metric_drop)"
+            return f"--calibration_examples {rows['calibration_examples']} with --seed {rows['seed']}"
+        raise UserError(f"{resume} was trained holding out {describe(before)}; this run would hold out "
+                        f"{describe(held_out)}. Resume with the same --max_metric_drop / --calibration_examples "
+                        "/ --seed")
 
 
 def every_exit_logits(ctx: DistContext, args: argparse.Namespace, model: EarlyExitModel,

@@ -417,7 +417,7 @@ def test_max_metric_drop_chooses_on_held_out_training_rows_and_is_reused(tiny_be
     data = copy_sst2(sst2_dir, tmp_path / "no-dev")
     (data / "dev.tsv").unlink()  # training and choosing never need the dev set
     trained = script.main(glue_args(tiny_bert_dir, str(data), out, "sst-2", "--do_train", "--training_scheme",
-                                    "joint", "--num_train_epochs", "3", *budget))
+                                    "joint", "--num_train_epochs", "3", "--save_steps", "5", *budget))
     choice = json.loads((out / "early_exit.json").read_text())
     assert trained["chosen_threshold"] == choice and trained["train"]["num_examples"] == 120  # 160 - 40 held out
     assert choice["criterion"] == "entropy" and choice["calibration_examples"] == 40
@@ -431,6 +431,19 @@ def test_max_metric_drop_chooses_on_held_out_training_rows_and_is_reused(tiny_be
                          "--output_dir", str(tmp_path / "eval2"), "--do_eval", "--max_seq_length", "32",
                          "--early_exit_entropy", "0.3"])
     assert [p["rule"] for p in given["eval"]["sst-2"]["early_exit"]] == ["entropy=0.3"]
+    none = script.main(["--model_name_or_path", str(out), "--data_dir", sst2_dir, "--task_name", "sst-2",
+                        "--output_dir", str(tmp_path / "eval3"), "--do_eval", "--max_seq_length", "32",
+                        "--early_exit_entropy", "-1"])  # -1: no entropy exit, so not the saved one either
+    assert not none["eval"]["sst-2"].get("early_exit")
+    # A resume holding out other rows than its checkpoint did is refused (trained-on rows would calibrate).
+    checkpoint = str(out / "checkpoint-joint-000005")
+    assert json.loads((out / "checkpoint-joint-000005" / "held_out.json").read_text()) == {
+        "calibration_examples": 40, "seed": 7}
+    for flags in (["--max_metric_drop", "0.05", "--calibration_examples", "41"], []):
+        with pytest.raises(UserError, match="holding out --calibration_examples 40 with --seed 7"):
+            script.main(glue_args(tiny_bert_dir, str(data), tmp_path / "resume", "sst-2", "--do_train",
+                                  "--training_scheme", "joint", "--num_train_epochs", "3", *flags,
+                                  "--resume_from_checkpoint", checkpoint))
     # Choosing again at evaluation time: a dev file with every label flipped changes the dev metric, not the
     # threshold.
     chosen = []
@@ -441,6 +454,11 @@ def test_max_metric_drop_chooses_on_held_out_training_rows_and_is_reused(tiny_be
         chosen.append((result["chosen_threshold"]["threshold"], result["eval"]["sst-2"]["metrics"]["acc"]))
     assert chosen[0][0] == chosen[1][0] == choice["threshold"]
     assert chosen[0][1] == pytest.approx(1 - chosen[1][1])
+    # Retrained into the same folder without a budget: the old choice goes with the old weights.
+    script.main(glue_args(tiny_bert_dir, str(data), out, "sst-2", "--do_train", "--training_scheme", "joint",
+                          "--max_steps", "1", "--overwrite_output_dir"))
+    assert not (out / "early_exit.json").exists()
+    assert json.loads((out / "held_out.json").read_text()) == {"calibration_examples": 0}
 
 
 def test_regression_joint_chooses_a_patience(tiny_bert_dir, stsb_dir, tmp_path):
