@@ -214,7 +214,9 @@ class EarlyExitModel(nn.Module):
         super().__init__()
         self.backbone = backbone
         config = backbone.config
-        self.num_layers = len(encoder_layers(backbone))
+        # Found once: the search walks every module, a cost early exit would otherwise pay per batch.
+        self._layers = tuple(encoder_layers(backbone))
+        self.num_layers = len(self._layers)
         self.regression = is_regression(config)
         if off_ramps is None:
             dropout = getattr(config, "hidden_dropout_prob", getattr(config, "dropout", 0.1))
@@ -371,7 +373,7 @@ class EarlyExitModel(nn.Module):
 
             return hook
 
-        layers = encoder_layers(self.backbone)
+        layers = self._layers
         handles = [layers[j].register_forward_pre_hook(pre_hook(j), with_kwargs=True) for j in range(1, len(layers))]
         try:
             final = self.backbone(**inputs).logits.float()
