@@ -80,6 +80,12 @@ def abba_order(repeats: int) -> list[bool]:
     return [(i // 2 + i) % 2 == 1 for i in range(2 * repeats)]
 
 
+def mirrored_order(items: Sequence[Any]) -> list[Any]:
+    """The items, then the same items backwards (A B C C B A): several models or rules timed in one run, each
+    hit alike by a load that drifts during it (abba_order is the two-mode, repeated case)."""
+    return [*items, *reversed(items)]
+
+
 def bench_parser(doc: str, model_help: str) -> argparse.ArgumentParser:
     """A bench's argument parser, with the model it measures (a local folder) as its first flag."""
     parser = script_parser(doc)

@@ -43,8 +43,8 @@ from typing import Any, Sequence
 
 from common.args import answering_help
 from common.bench import (
-    abba_order, add_timing_lock_arg, bench_parser, format_table, load_average, new_record, run_script, timing_lock,
-    write_record,
+    abba_order, add_timing_lock_arg, bench_parser, format_table, load_average, mirrored_order, new_record, run_script,
+    timing_lock, write_record,
 )
 from common.data.glue_tasks import TASKS
 from common.errors import UserError, run_cli
@@ -371,7 +371,7 @@ def time_rules(model: EarlyExitModel, data: list[dict[str, torch.Tensor]], rules
     rk .. r1, plain) after one untimed warm-up pass of each."""
     for rule in [None, *rules]:
         run_pass(model, data[:2], rule)
-    order: list[ExitRule | None] = [None, *rules, *reversed(rules), None]
+    order: list[ExitRule | None] = mirrored_order([None, *rules])
     seconds: dict[str, float] = {}
     for rule in order:
         name = "plain" if rule is None else rule.label

@@ -45,7 +45,8 @@ from typing import Any, Sequence
 
 from common.args import answering_help
 from common.bench import (
-    add_timing_lock_arg, bench_parser, format_table, load_average, new_record, run_script, timing_lock, write_record,
+    add_timing_lock_arg, bench_parser, format_table, load_average, mirrored_order, new_record, run_script, timing_lock,
+    write_record,
 )
 from common.errors import UserError, run_cli
 
@@ -274,7 +275,7 @@ def time_models(args: argparse.Namespace, models: dict[str, str], dev: dict[str,
     for model in loaded.values():  # warm-up
         forward_ms(model, singles[:3] + batched[:1])
     times: dict[str, dict[str, list[float]]] = {name: {"b1": [], "batched": []} for name in loaded}
-    order = list(loaded) + list(reversed(loaded))
+    order = mirrored_order(list(loaded))
     for _ in range(args.latency_rounds):
         for name in order:
             times[name]["b1"] += forward_ms(loaded[name], singles)
