@@ -425,8 +425,11 @@ def check_held_out(resume: str | None, held_out: dict[str, Any]) -> None:
     path = os.path.join(resume, HELD_OUT)
     before = {"calibration_examples": 0}  # checkpoints from before this file trained on every row
     if os.path.isfile(path):
-        with open(path, encoding="utf-8") as f:
-            before = json.load(f)
+        try:
+            with open(path, encoding="utf-8") as f:
+                before = json.load(f)
+        except (OSError, ValueError) as err:
+            raise UserError(f"{path} is damaged ({err}): resume from another checkpoint") from None
     if before != held_out:
         def describe(rows: dict[str, Any]) -> str:
             if not rows["calibration_examples"]:
