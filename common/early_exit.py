@@ -30,17 +30,18 @@ def replay_exits(rule: ExitRule, every_exit: torch.Tensor) -> tuple[torch.Tensor
     """Logits [N, C] and 1-based exit layer [N] of each row under `rule`, from the logits of every exit
     [L, N, C] (the last being the head): the rule's decisions, off-ramp by off-ramp, as in early exit."""
     num_layers, rows = every_exit.shape[0], every_exit.shape[1]
-    logits = every_exit[-1].clone()
+    every = every_exit.float().cpu()
+    logits = every[-1].clone()
     exit_layer = torch.full((rows,), num_layers, dtype=torch.long)
-    if not rule.can_exit(num_layers - 1):
-        return logits, exit_layer
-    running = torch.ones(rows, dtype=torch.bool)
-    state = rule.init_state(rows, every_exit.device)
-    for j in range(num_layers - 1):
-        leave = rule.decide(every_exit[j], state) & running
-        logits[leave] = every_exit[j][leave]
-        exit_layer[leave] = j + 1
-        running &= ~leave
+    if rule.can_exit(num_layers - 1):
+        running = torch.ones(rows, dtype=torch.bool)
+        state = rule.init_state(rows)
+        for j in range(num_layers - 1):
+            # The rules decide on the host from lists of rows, as in early exit.
+            leave = torch.tensor(rule.decide(every[j].tolist(), state)) & running
+            logits[leave] = every[j][leave]
+            exit_layer[leave] = j + 1
+            running &= ~leave
     return logits, exit_layer
 
 
@@ -54,11 +55,11 @@ def candidate_rules(kind: str, every_exit: torch.Tensor, regression: bool = Fals
     if kind != "entropy" or regression:
         raise UserError(f"no {kind} threshold for {'a regression' if regression else 'this'} task "
                         "(entropy needs classes; patience works on both)")
-    values = np.unique(entropy(every_exit[:-1].reshape(-1, every_exit.shape[-1])).double().numpy())
+    values = np.unique(entropy(every_exit[:-1].float().cpu()))
     if len(values) > MAX_ENTROPY_CANDIDATES:
         values = values[np.linspace(0, len(values) - 1, MAX_ENTROPY_CANDIDATES).round().astype(int)]
-    # entropy(x) < t exits: the next float above a value lets the rows at exactly that value leave.
-    return [EntropyExit(float(np.nextafter(np.float32(v), np.float32(np.inf)))) for v in values if v >= 0]
+    # entropy(x) < t exits: the next double above a value lets the rows at exactly that value leave.
+    return [EntropyExit(float(np.nextafter(v, np.inf))) for v in values if v >= 0]
 
 
 def choose_rule(kind: str, every_exit: torch.Tensor, metric: Callable[[torch.Tensor], float], max_drop: float,

@@ -5,9 +5,11 @@
    file, into <output_dir>/data/).
 2. Fine-tunes one model per --variants with scripts/run_glue_early_exit.py, each in a fresh process (no bench
    lock needed: nothing is timed there): `two_stage` (DeeBERT, off-ramps at the fine-tuning rate),
-   `two_stage_ramp_lr` (stage two at --off_ramp_learning_rate), `joint` (PABEE's joint training), and
-   `joint_distill` (joint + FastBERT self-distillation). Every run holds --calibration_examples rows out of its
-   training and chooses the entropy threshold for --max_metric_drop on them (early_exit.json).
+   `two_stage_ramp_lr` (stage two at --off_ramp_learning_rate), `joint` (PABEE's joint training),
+   `joint_distill` (joint + FastBERT self-distillation), all with DeeBERT's first-token off-ramps; and
+   `two_stage_mean` (as two_stage_ramp_lr) and `joint_mean` (as joint) with mean-pooled off-ramps
+   (--off_ramp_pooling mean). Every run holds --calibration_examples rows out of its training and chooses the
+   entropy threshold for --max_metric_drop on them (early_exit.json).
 3. Per model, one pass over the whole dev set gives every exit's logits: the metric of each exit layer and,
    replayed with each rule's own decisions (common.early_exit.replay_exits, the same per-row decisions as the
    batched early exit at any batch size), the metric, average exit layer and layers saved of every entropy and
@@ -16,8 +18,9 @@
    --eval_batch_sizes, wall time of the plain model (every layer, the stock forward) and of early exit under
    --timed_entropy / --timed_patience / the chosen threshold, on the first --timing_examples dev rows, in one
    mirrored order (plain, r1 .. rk, rk .. r1, plain: ABBA for every rule at once, so a drifting load hits all
-   alike); speed-up = plain seconds / rule seconds. And the early-exit machinery's own cost: the plain model
-   against early exit with a rule that checks every off-ramp and never fires, --overhead_repeats ABBA rounds.
+   alike); speed-up = plain seconds / rule seconds. And the early-exit machinery's own cost, for the last
+   variant of each off-ramp pooling: the plain model against early exit with a rule that checks every off-ramp
+   and never fires, --overhead_repeats ABBA rounds.
 5. Optionally (--throughput_steps > 0) stage-one training throughput with fixed and dynamic padding, ABBA.
 
 Prints a table and writes everything, with the environment and the load, to <output_dir>/bench_results.json.
@@ -65,7 +68,9 @@ if not answering_help(__name__):  # -h/--help answers at once: argparse needs no
 SCRIPT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "run_glue_early_exit.py")
 DEFAULT_ENTROPIES = (0.05, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.65)
 DEFAULT_PATIENCES = (1, 2, 3, 4)
-VARIANTS = ("two_stage", "two_stage_ramp_lr", "joint", "joint_distill")
+VARIANTS = ("two_stage", "two_stage_ramp_lr", "joint", "joint_distill", "two_stage_mean", "joint_mean")
+# Variants whose stage one is two_stage's (same seed, rows and flags: the same weights): they resume from it.
+SHARES_STAGE_ONE = ("two_stage_ramp_lr",)
 
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
@@ -91,7 +96,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
                         help="run_glue_early_exit.py's --self_distillation_weight in the *_distill variants.")
     parser.add_argument("--variants", nargs="+", choices=VARIANTS, default=list(VARIANTS),
                         help="Which training schemes to fine-tune and evaluate.")
-    parser.add_argument("--timed_variants", nargs="*", choices=VARIANTS, default=list(VARIANTS[:3]),
+    parser.add_argument("--timed_variants", nargs="*", choices=VARIANTS,
+                        default=["two_stage", "two_stage_ramp_lr", "joint", "two_stage_mean", "joint_mean"],
                         help="Which of them get the wall-clock sweep (the others: the chosen threshold only).")
     parser.add_argument("--warmup_proportion", default=0.1, type=float,
                         help="Fraction of each stage's steps spent warming the learning rate up.")
@@ -113,7 +119,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
                         help="ABBA rounds of the plain model against early exit that never fires.")
     parser.add_argument("--reuse_models", action="store_true",
                         help="Evaluate and time the models a previous run of this bench left in --output_dir (each "
-                             "model folder's fine_tune.json) instead of training them again.")
+                             "model folder's fine_tune.json) instead of training them again; variants it has no "
+                             "model of are trained.")
     add_timing_lock_arg(parser)
     parser.add_argument("--throughput_steps", default=0, type=int,
                         help="Optimizer steps of each training-throughput run (0: skip those runs).")
@@ -225,6 +232,9 @@ def variant_flags(args: argparse.Namespace, variant: str) -> list[str]:
         "joint": ["--training_scheme", "joint"],
         "joint_distill": ["--training_scheme", "joint", "--self_distillation", "--self_distillation_weight",
                           f"{args.self_distillation_weight:g}"],
+        "two_stage_mean": ["--off_ramp_learning_rate", f"{args.off_ramp_learning_rate:g}",
+                           "--off_ramp_pooling", "mean"],
+        "joint_mean": ["--training_scheme", "joint", "--off_ramp_pooling", "mean"],
     }[variant]
 
 
@@ -235,9 +245,7 @@ def fine_tune(args: argparse.Namespace, data_dir: str, out: str, train_rows: int
     checkpoint; `shared_stage_one` (such a run's folder) makes another two-stage run resume from it instead of
     training the same stage one again (same seed, rows and flags: the same weights) and only train stage two."""
     record_file = os.path.join(out, "fine_tune.json")
-    if args.reuse_models:
-        if not os.path.isfile(record_file):
-            raise UserError(f"--reuse_models: {record_file} not found; run the bench without it first")
+    if args.reuse_models and os.path.isfile(record_file):
         with open(record_file, encoding="utf-8") as f:
             return {**json.load(f), "reused": True}
     steps = stage_steps(args, train_rows - args.calibration_examples)
@@ -497,12 +505,12 @@ def report(bench: dict[str, Any]) -> str:
                 format_table(["variant", "chosen", "calibration (rule / full)", f"dev {primary}",
                               "below full model", "avg exit layer", *[f"speed-up bs{b}" for b in bss]], rows)]
     if bench.get("overhead"):
-        out += ["", f"No-exit overhead ({bench['overhead_model']}): plain model vs early exit whose rule checks every "
-                f"off-ramp and never fires, {cfg['overhead_repeats']} ABBA rounds",
-                format_table(["batch", "rows", "plain s", "early exit s", "overhead", "load before/after"],
-                             [[bs, r["rows"], f"{r['plain_seconds']:.2f}", f"{r['early_exit_seconds']:.2f}",
+        out += ["", "No-exit overhead: plain model vs early exit whose rule checks every off-ramp and never fires, "
+                f"{cfg['overhead_repeats']} ABBA rounds",
+                format_table(["variant", "batch", "rows", "plain s", "early exit s", "overhead", "load before/after"],
+                             [[v, bs, r["rows"], f"{r['plain_seconds']:.2f}", f"{r['early_exit_seconds']:.2f}",
                                f"{100 * r['overhead']:+.1f}%", f"{r['load_before']} / {r['load_after']}"]
-                              for bs, r in bench["overhead"].items()])]
+                              for v, per_bs in bench["overhead"].items() for bs, r in per_bs.items()])]
     if bench.get("throughput"):
         base = bench["throughput"][0]["stage1"]["examples_per_second"]
         out += ["", f"Training throughput, {cfg['throughput_repeats']} run(s) of {cfg['throughput_steps']} steps per "
@@ -531,7 +539,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     t0 = time.perf_counter()
     bench["fine_tune"] = {}
     for v in args.variants:
-        shared = bench["fine_tune"].get("two_stage") if v.startswith("two_stage_") else None
+        shared = bench["fine_tune"].get("two_stage") if v in SHARES_STAGE_ONE else None
         bench["fine_tune"][v] = fine_tune(args, data_dir, os.path.join(out, f"model-{v}"), bench["data"]["train_rows"],
                                           v, shared["output_dir"] if shared else None)
     wall["fine_tune"] = time.perf_counter() - t0
@@ -552,8 +560,9 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         for v, one in loaded.items():
             for task, timing in time_variant(args, one, v in args.timed_variants).items():
                 bench["eval"][v][task]["timing"] = timing
-        bench["overhead_model"] = args.variants[-1]
-        bench["overhead"] = overhead(args, loaded[args.variants[-1]])
+        # The last variant of each off-ramp pooling.
+        last = {one.model.pooling: v for v, one in loaded.items()}
+        bench["overhead"] = {v: overhead(args, loaded[v]) for v in last.values()}
     wall["eval"] = time.perf_counter() - t0
     return write_record(out, bench, wall, start, report, load_before)
 

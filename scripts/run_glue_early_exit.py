@@ -40,6 +40,7 @@ from common.args import (
     check_run_args, parse_with_builtin_defaults, raise_if_problems, script_parser,
 )
 from common.data.glue_tasks import TASKS
+from common.models.pooling import POOLINGS
 from common.errors import UserError, run_cli
 
 if not answering_help(__name__):  # -h/--help answers at once: argparse needs none of what follows
@@ -104,6 +105,11 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
                    help="Learning rate of the off-ramps: stage two's (on the frozen backbone), or theirs within "
                         "the joint stage; default: --learning_rate. Fresh heads often need a larger one than "
                         "fine-tuning.")
+    g.add_argument("--off_ramp_pooling", choices=POOLINGS, default=None,
+                   help="What a new off-ramp reads: first_token (DeeBERT's highway: the first token through a tanh "
+                        "dense layer, then a classifier) or mean (the mean of the real tokens, then a classifier: "
+                        "for sentence encoders such as all-MiniLM-L6-v2, and cheaper per layer). Default: "
+                        "first_token, or what the model's saved off-ramps use.")
     g.add_argument("--training_scheme", choices=("two_stage", "joint"), default="two_stage",
                    help="two_stage (DeeBERT): backbone + head, then the off-ramps on the frozen backbone. joint "
                         "(PABEE): one stage, backbone and every exit trained together on sum_i i * loss_i / sum_i i.")
@@ -294,8 +300,8 @@ def load_model(path: str, args: argparse.Namespace, task: str, for_training: boo
     config.finetuning_task = task
     config.problem_type = "regression" if spec.output_mode == "regression" else "single_label_classification"
     try:
-        return EarlyExitModel.from_pretrained(path, config=config, cache_dir=args.cache_dir or None,
-                                              ignore_mismatched_sizes=for_training)
+        return EarlyExitModel.from_pretrained(path, pooling=args.off_ramp_pooling, config=config,
+                                              cache_dir=args.cache_dir or None, ignore_mismatched_sizes=for_training)
     except (OSError, RuntimeError) as err:
         first = str(err).splitlines()[0]
         if "mismatched" in first:

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import json
 import math
 
+import numpy as np
 import pytest
 import torch
 from transformers import (
@@ -16,18 +18,19 @@ from common.distillation import soft_cross_entropy
 from common.models.highway import (
     HEAD, JOINT, OFF_RAMPS, EarlyExitModel, EntropyExit, PatienceExit, SelfDistillation, entropy,
 )
+from common.models.pooling import FIRST_TOKEN, MEAN
 
 CONFIG = dict(vocab_size=60, hidden_size=32, num_hidden_layers=5, num_attention_heads=2, intermediate_size=48,
               max_position_embeddings=40)
 
 
-def make_model(kind: str, num_labels: int = 3) -> EarlyExitModel:
+def make_model(kind: str, num_labels: int = 3, pooling: str = FIRST_TOKEN) -> EarlyExitModel:
     torch.manual_seed(0)
     if kind == "bert":
         backbone = BertForSequenceClassification(BertConfig(num_labels=num_labels, **CONFIG))
     else:
         backbone = RobertaForSequenceClassification(RobertaConfig(num_labels=num_labels, pad_token_id=1, **CONFIG))
-    model = EarlyExitModel(backbone)
+    model = EarlyExitModel(backbone, pooling=pooling)
     # Random off-ramps with larger weights so their confidence varies across rows and layers.
     with torch.no_grad():
         for ramp in model.off_ramps:
@@ -73,15 +76,18 @@ def make_rule(name: str, model: EarlyExitModel, inputs: dict) -> EntropyExit | P
     once and others go on; never equal to a row's entropy, where float noise would decide."""
     if name.startswith("patience"):
         return PatienceExit(int(name[-1]))
-    first = entropy(model.all_exit_logits(**inputs)[0]).sort().values
+    first = np.sort(entropy(model.all_exit_logits(**inputs)[0]))
     k = int(float(name.split("q")[1]) * (len(first) - 1))
     return EntropyExit(float((first[k] + first[k + 1]) / 2))
 
 
+@pytest.mark.parametrize("pooling", [FIRST_TOKEN, MEAN])
 @pytest.mark.parametrize("kind", ["bert", "roberta"])
 @pytest.mark.parametrize("rule_name", ["entropy-q0.3", "entropy-q0.6", "patience1", "patience2"])
-def test_batched_exit_equals_one_at_a_time(kind, rule_name):
-    model, inputs = make_model(kind), batch()
+def test_batched_exit_equals_one_at_a_time(kind, rule_name, pooling):
+    """Padded rows in a batch that shrinks mid-forward against each row alone, unpadded (for mean pooling: the
+    padding must not count in the mean, before or after the batch is cut)."""
+    model, inputs = make_model(kind, pooling=pooling), batch()
     rule = make_rule(rule_name, model, inputs)
     logits, exits = model.early_exit(rule, **inputs)
     for i in range(len(exits)):
@@ -105,6 +111,19 @@ def test_exit_logits_are_the_off_ramp_of_the_exit_layer():
         # It left at the first off-ramp below the threshold (or ran to the end).
         below = [j for j in range(4) if ent[j] < rule.threshold]
         assert layer == (below[0] + 1 if below else 5)
+
+
+def test_mean_pooled_off_ramp_is_a_classifier_on_the_mean_of_the_real_tokens():
+    model, inputs = make_model("bert", pooling=MEAN), batch()
+    hidden = model.backbone(**inputs, output_hidden_states=True).hidden_states
+    every = model.all_exit_logits(**inputs)
+    ramp = model.off_ramps[1]
+    assert ramp.pooler is None  # no dense layer: the mean goes straight to the classifier
+    for i in range(len(inputs["input_ids"])):
+        length = int(inputs["attention_mask"][i].sum())
+        mean = hidden[2][i, :length].mean(dim=0)  # the output of layer 2, real tokens only
+        expected = ramp.classifier.weight @ mean + ramp.classifier.bias
+        assert torch.allclose(every[1, i], expected, atol=1e-5), f"row {i}"
 
 
 def test_patience_counts_agreeing_off_ramps():
@@ -162,6 +181,27 @@ def test_save_and_reload_keeps_off_ramps_and_loads_in_stock_transformers(tmp_pat
         assert torch.equal(ea, eb) and torch.allclose(a, b, atol=1e-6)
     stock = AutoModelForSequenceClassification.from_pretrained(str(tmp_path)).eval()
     assert torch.allclose(stock(**inputs).logits, model.backbone(**inputs).logits, atol=1e-6)
+
+
+def test_pooling_is_saved_with_the_off_ramps_and_cannot_be_switched(tmp_path):
+    model, inputs = make_model("bert", pooling=MEAN), batch()
+    model.save_pretrained(str(tmp_path / "mean"))
+    again = EarlyExitModel.from_pretrained(str(tmp_path / "mean")).eval()
+    assert again.pooling == MEAN and torch.allclose(again.all_exit_logits(**inputs), model.all_exit_logits(**inputs),
+                                                    atol=1e-6)
+    assert EarlyExitModel.from_pretrained(str(tmp_path / "mean"), pooling=MEAN).pooling == MEAN
+    with pytest.raises(UserError, match="pool with mean, not first_token"):
+        EarlyExitModel.from_pretrained(str(tmp_path / "mean"), pooling=FIRST_TOKEN)
+    # A folder from before the pooling choice (no "pooling" in off_ramps.json) has first-token off-ramps.
+    make_model("bert").save_pretrained(str(tmp_path / "old"))
+    meta_file = tmp_path / "old" / "off_ramps.json"
+    meta = json.loads(meta_file.read_text())
+    del meta["pooling"]
+    meta_file.write_text(json.dumps(meta))
+    assert EarlyExitModel.from_pretrained(str(tmp_path / "old")).pooling == FIRST_TOKEN
+    # A folder without off-ramps takes the pooling asked for.
+    model.backbone.save_pretrained(str(tmp_path / "plain"))
+    assert EarlyExitModel.from_pretrained(str(tmp_path / "plain"), pooling=MEAN).off_ramps[0].pooling == MEAN
 
 
 def test_off_ramps_of_another_shape_are_rejected(tmp_path):

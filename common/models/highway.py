@@ -8,9 +8,15 @@ reads the hidden states after each of the first L-1 layers; after layer L the st
   hidden states from one stock forward with `output_hidden_states=True`), or PABEE's joint training (backbone
   and every exit at once, on the loss of exit i weighted by i). Off-ramps may also learn the final head's
   softened predictions (FastBERT's self-distillation).
+* An off-ramp pools the layer's output as DeeBERT's highway does (the first token: `first_token`) or as
+  sentence encoders are trained to be read (the mean over the real tokens: `mean`), then applies a tanh dense
+  layer and a linear classifier.
 * Early exit runs the stock forward with a pre-hook on every layer: before layer j runs, the off-ramp after
   layer j-1 scores the rows still in the batch, rows whose exit rule fires leave with those logits, and the
-  layer (and every later one) only computes the rows that stay. No row waits for the slowest one, so early
+  layer (and every later one) only computes the rows that stay. The rule decides on the host, in numpy, from
+  the off-ramp's [rows, classes] logits: early exit needs the answer there anyway (it decides how the batch is
+  cut), and a few numpy operations on a handful of numbers cost microseconds where each torch operator costs
+  tens, which at batch size 1 is most of what the machinery adds. No row waits for the slowest one, so early
   exit saves compute at every batch size, not only at batch size 1 as in the original. A rule that cannot
   fire (entropy threshold 0, patience 0 or longer than the off-ramps) runs the plain forward: no hooks, no
   off-ramps.
@@ -23,10 +29,12 @@ from __future__ import annotations
 
 import contextlib
 import json
+import math
 import os
 from dataclasses import dataclass
-from typing import Any, Mapping
+from typing import Any, Mapping, Sequence
 
+import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
@@ -34,6 +42,7 @@ from transformers import AutoModelForSequenceClassification, PreTrainedModel
 
 from common.distillation import soft_cross_entropy
 from common.errors import UserError
+from common.models.pooling import FIRST_TOKEN, MEAN, POOLINGS
 from common.pretrained import find_encoder_layers
 
 OFF_RAMPS_WEIGHTS = "off_ramps.safetensors"
@@ -45,33 +54,65 @@ STAGE1, STAGE2, JOINT_STAGE = "checkpoint-stage1", "checkpoint-stage2", "checkpo
 HEAD, OFF_RAMPS, JOINT = "head", "off_ramps", "joint"
 
 
-def entropy(logits: torch.Tensor) -> torch.Tensor:
-    """Entropy (nats) of softmax(logits) per row, -sum(p * log p) from a stable log-softmax (few kernels: early
-    exit computes it after every layer)."""
-    log_p = torch.log_softmax(logits.float(), dim=-1)
-    return -(log_p.exp() * log_p).sum(dim=-1)
+def row_entropy(row: Sequence[float]) -> float:
+    """Entropy (nats) of softmax(row), in double precision. With z = sum exp(x - max): H = log z - sum p (x - max).
+    Plain Python: the exit rules decide on the host (see the module doc)."""
+    top = max(row)
+    shifted = [x - top for x in row]
+    e = [math.exp(x) for x in shifted]
+    z = sum(e)
+    return math.log(z) - sum(a * x for a, x in zip(e, shifted)) / z
+
+
+def entropy(logits: Any) -> np.ndarray:
+    """row_entropy of each row of `logits` ([..., classes]: a CPU tensor, an array or nested lists)."""
+    rows = np.asarray(logits, dtype=np.float64)
+    flat = [row_entropy(r) for r in rows.reshape(-1, rows.shape[-1]).tolist()]
+    return np.array(flat, dtype=np.float64).reshape(rows.shape[:-1])
+
+
+def token_weights(attention_mask: torch.Tensor | None) -> torch.Tensor | None:
+    """Per-row weights that average the real tokens ([B, 1, T], each row summing to 1), for mean pooling; None
+    when every token is real (no mask, or no padding: a plain mean, fewer operators per layer)."""
+    if attention_mask is None or bool(attention_mask.all()):
+        return None
+    mask = attention_mask.float()
+    return (mask / mask.sum(dim=1, keepdim=True).clamp(min=1.0)).unsqueeze(1)
 
 
 class OffRamp(nn.Module):
-    """DeeBERT's highway: tanh pooler on the first token, dropout, linear classifier."""
+    """An exit classifier on one layer's output. `first_token`: DeeBERT's highway, the first token's state
+    through a tanh dense layer (the "pooler"), dropout, a linear classifier. `mean`: the mean of the real
+    tokens' states, dropout, a linear classifier: how sentence encoders (all-MiniLM-L6-v2 and its kind) are
+    read, whose first token says little in the early layers; and two operators per layer instead of four."""
 
-    def __init__(self, hidden_size: int, num_labels: int, dropout: float):
+    def __init__(self, hidden_size: int, num_labels: int, dropout: float, pooling: str = FIRST_TOKEN):
         super().__init__()
-        self.pooler = nn.Linear(hidden_size, hidden_size)
+        if pooling not in POOLINGS:
+            raise ValueError(f"unknown off-ramp pooling {pooling!r} (one of {', '.join(POOLINGS)})")
+        self.pooling = pooling
+        self.pooler = nn.Linear(hidden_size, hidden_size) if pooling == FIRST_TOKEN else None
         self.dropout = nn.Dropout(dropout)
         self.classifier = nn.Linear(hidden_size, num_labels)
 
-    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+    def forward(self, hidden_states: torch.Tensor, weights: torch.Tensor | None = None) -> torch.Tensor:
+        """Logits [B, C] from a layer's output [B, T, H]; `weights` [B, 1, T] (token_weights) for mean pooling."""
         # The linear layers as functions and dropout only in training: early exit runs this after every layer,
         # where each module call's overhead counts at batch size 1.
-        pooled = torch.tanh(nn.functional.linear(hidden_states[:, 0], self.pooler.weight, self.pooler.bias))
+        if self.pooler is not None:
+            pooled = torch.tanh(nn.functional.linear(hidden_states[:, 0], self.pooler.weight, self.pooler.bias))
+        elif weights is None:
+            pooled = hidden_states.mean(dim=1)
+        else:
+            pooled = torch.bmm(weights.to(hidden_states.dtype), hidden_states).squeeze(1)
         if self.training:
             pooled = self.dropout(pooled)
         return nn.functional.linear(pooled, self.classifier.weight, self.classifier.bias)
 
 
 # ----------------------------------------------------------------------------------------------------------
-# exit rules: each keeps a little per-row state that is sliced along with the batch
+# exit rules: each decides on the host, row by row, from an off-ramp's logits (a list of rows of floats, as
+# `tensor.tolist()` gives), and keeps a little per-row state (lists) that is cut along with the batch
 
 
 @dataclass(frozen=True)
@@ -80,11 +121,11 @@ class EntropyExit:
 
     threshold: float
 
-    def init_state(self, batch_size: int, device: torch.device) -> dict[str, torch.Tensor]:
+    def init_state(self, batch_size: int) -> dict[str, list]:
         return {}
 
-    def decide(self, logits: torch.Tensor, state: dict[str, torch.Tensor]) -> torch.Tensor:
-        return entropy(logits) < self.threshold
+    def decide(self, logits: list[list[float]], state: dict[str, list]) -> list[bool]:
+        return [row_entropy(row) < self.threshold for row in logits]
 
     def can_exit(self, num_off_ramps: int) -> bool:
         return self.threshold > 0 and num_off_ramps > 0  # entropy is never below 0
@@ -118,23 +159,21 @@ class PatienceExit:
     regression: bool = False
     regression_threshold: float = 0.1
 
-    def init_state(self, batch_size: int, device: torch.device) -> dict[str, torch.Tensor]:
-        return {
-            "count": torch.zeros(batch_size, dtype=torch.long, device=device),
-            "previous": torch.full((batch_size,), float("nan"), device=device),
-        }
+    def init_state(self, batch_size: int) -> dict[str, list]:
+        return {"count": [0] * batch_size, "previous": [None] * batch_size}  # None: no off-ramp seen yet
 
-    def decide(self, logits: torch.Tensor, state: dict[str, torch.Tensor]) -> torch.Tensor:
+    def decide(self, logits: list[list[float]], state: dict[str, list]) -> list[bool]:
         if self.regression:
-            current = logits.float().squeeze(-1)
-            agree = (current - state["previous"]).abs() < self.regression_threshold
+            current: list = [row[0] for row in logits]
+            agree = [p is not None and abs(c - p) < self.regression_threshold
+                     for c, p in zip(current, state["previous"])]
         else:
-            current = logits.argmax(dim=-1).float()
-            agree = current == state["previous"]  # NaN on the first off-ramp: never agrees
-        state["count"] = torch.where(agree, state["count"] + 1, torch.zeros_like(state["count"]))
+            current = [row.index(max(row)) for row in logits]  # argmax, the first on ties as torch's
+            agree = [c == p for c, p in zip(current, state["previous"])]
+        state["count"] = [n + 1 if a else 0 for n, a in zip(state["count"], agree)]
         state["previous"] = current
         # patience 0 would exit at the first off-ramp whatever it says; PABEE treats it as "never exit".
-        return state["count"] >= self.patience if self.patience > 0 else torch.zeros_like(agree)
+        return [n >= self.patience > 0 for n in state["count"]]
 
     def can_exit(self, num_off_ramps: int) -> bool:
         # n off-ramps give at most n - 1 agreements in a row.
@@ -210,7 +249,9 @@ NO_DISTILLATION = SelfDistillation(0.0)
 class EarlyExitModel(nn.Module):
     """A stock sequence classifier plus one off-ramp after each of its first L-1 layers."""
 
-    def __init__(self, backbone: PreTrainedModel, off_ramps: nn.ModuleList | None = None, trained: bool = True):
+    def __init__(self, backbone: PreTrainedModel, off_ramps: nn.ModuleList | None = None, trained: bool = True,
+                 pooling: str = FIRST_TOKEN):
+        """`pooling` is that of fresh off-ramps (when `off_ramps` is None)."""
         super().__init__()
         self.backbone = backbone
         config = backbone.config
@@ -221,7 +262,7 @@ class EarlyExitModel(nn.Module):
         if off_ramps is None:
             dropout = getattr(config, "hidden_dropout_prob", getattr(config, "dropout", 0.1))
             off_ramps = nn.ModuleList(
-                OffRamp(config.hidden_size, config.num_labels, dropout) for _ in range(self.num_layers - 1)
+                OffRamp(config.hidden_size, config.num_labels, dropout, pooling) for _ in range(self.num_layers - 1)
             )
             self.off_ramps_trained = False
         else:
@@ -229,17 +270,25 @@ class EarlyExitModel(nn.Module):
         if len(off_ramps) != self.num_layers - 1:
             raise UserError(f"{len(off_ramps)} off-ramps for a {self.num_layers}-layer model (expected one fewer)")
         self.off_ramps = off_ramps
+        self.pooling = off_ramps[0].pooling if len(off_ramps) else pooling
+
+    def token_weights(self, inputs: Mapping[str, torch.Tensor]) -> torch.Tensor | None:
+        """What the off-ramps' pooling needs besides the layer's output: mean-pooling weights from the
+        attention mask (None for first-token pooling)."""
+        return token_weights(inputs.get("attention_mask")) if self.pooling == MEAN else None
 
     # -- persistence --------------------------------------------------------------------------------------
 
     @classmethod
-    def from_pretrained(cls, path: str, **kwargs: Any) -> "EarlyExitModel":
-        """Load the stock classifier from `path`, and its off-ramps when the folder holds them."""
+    def from_pretrained(cls, path: str, pooling: str | None = None, **kwargs: Any) -> "EarlyExitModel":
+        """Load the stock classifier from `path`, and its off-ramps when the folder holds them. `pooling`: that
+        of fresh off-ramps (default first_token); saved off-ramps keep theirs, and asking for another is an
+        error."""
         backbone = AutoModelForSequenceClassification.from_pretrained(path, **kwargs)
         weights = os.path.join(path, OFF_RAMPS_WEIGHTS)
         meta_file = os.path.join(path, OFF_RAMPS_CONFIG)
         if not os.path.isfile(weights):
-            return cls(backbone)
+            return cls(backbone, pooling=pooling or FIRST_TOKEN)
         if not os.path.isfile(meta_file):
             raise UserError(f"{path} has {OFF_RAMPS_WEIGHTS} but no {OFF_RAMPS_CONFIG}: the folder is incomplete")
         with open(meta_file, encoding="utf-8") as f:
@@ -250,8 +299,14 @@ class EarlyExitModel(nn.Module):
                 f"{path}: off-ramps were trained for {meta['num_labels']} labels / hidden size "
                 f"{meta['hidden_size']}, the model has {config.num_labels} / {config.hidden_size}"
             )
+        saved_pooling = meta.get("pooling", FIRST_TOKEN)  # folders from before mean pooling have first-token ramps
+        if saved_pooling not in POOLINGS:
+            raise UserError(f"{meta_file}: unknown pooling {saved_pooling!r} (one of {', '.join(POOLINGS)})")
+        if pooling is not None and pooling != saved_pooling:
+            raise UserError(f"{path} has off-ramps that pool with {saved_pooling}, not {pooling}: drop "
+                            f"--off_ramp_pooling or start from a model without off-ramps")
         ramps = nn.ModuleList(
-            OffRamp(config.hidden_size, config.num_labels, meta.get("dropout", 0.1))
+            OffRamp(config.hidden_size, config.num_labels, meta.get("dropout", 0.1), saved_pooling)
             for _ in range(meta["num_off_ramps"])
         )
         state = load_file(weights)
@@ -270,6 +325,7 @@ class EarlyExitModel(nn.Module):
             "hidden_size": self.backbone.config.hidden_size,
             "num_labels": self.backbone.config.num_labels,
             "dropout": self.off_ramps[0].dropout.p if len(self.off_ramps) else 0.1,
+            "pooling": self.pooling,
             "trained": self.off_ramps_trained,
         }
         with open(os.path.join(folder, OFF_RAMPS_CONFIG), "w", encoding="utf-8") as f:
@@ -290,7 +346,7 @@ class EarlyExitModel(nn.Module):
             p.requires_grad_(trainable in (OFF_RAMPS, JOINT))
         if trainable in (OFF_RAMPS, JOINT) and not self.off_ramps_trained:
             source = _pooler_dense(self.backbone)
-            if source is not None:
+            if source is not None and self.pooling == FIRST_TOKEN:
                 with torch.no_grad():
                     for ramp in self.off_ramps:
                         ramp.pooler.weight.copy_(source.weight)
@@ -309,7 +365,8 @@ class EarlyExitModel(nn.Module):
             raise ValueError(f"unknown training objective {objective!r}")
         with torch.no_grad() if objective == OFF_RAMPS else contextlib.nullcontext():
             out = self.backbone(**inputs, output_hidden_states=True)
-        losses = [distill.off_ramp_loss(ramp(out.hidden_states[i + 1]), labels, out.logits, self.regression)
+        weights = self.token_weights(inputs)
+        losses = [distill.off_ramp_loss(ramp(out.hidden_states[i + 1], weights), labels, out.logits, self.regression)
                   for i, ramp in enumerate(self.off_ramps)]
         if objective == OFF_RAMPS:
             return {"loss": torch.stack(losses).sum(), "exit_losses": torch.stack(losses).detach()}
@@ -324,7 +381,8 @@ class EarlyExitModel(nn.Module):
     def all_exit_logits(self, **inputs: torch.Tensor) -> torch.Tensor:
         """Logits of every exit from one forward pass: [num_layers, batch, num_labels] (the last is the head)."""
         out = self.backbone(**inputs, output_hidden_states=True)
-        ramps = [ramp(out.hidden_states[i + 1]) for i, ramp in enumerate(self.off_ramps)]
+        weights = self.token_weights(inputs)
+        ramps = [ramp(out.hidden_states[i + 1], weights) for i, ramp in enumerate(self.off_ramps)]
         return torch.stack([*ramps, out.logits]).float()
 
     @torch.no_grad()
@@ -342,7 +400,8 @@ class EarlyExitModel(nn.Module):
 
         logits_out = torch.empty(batch_size, self.backbone.config.num_labels, device=device)
         rows = _RowSelection(batch_size, device)
-        state = rule.init_state(batch_size, device)
+        state = rule.init_state(batch_size)
+        weights = self.token_weights(inputs)
 
         def pre_hook(layer_index: int):
             ramp = self.off_ramps[layer_index - 1]
@@ -350,18 +409,22 @@ class EarlyExitModel(nn.Module):
             def hook(module: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict] | None:
                 nonlocal state
                 hidden = args[0] if args else kwargs["hidden_states"]
-                logits = ramp(hidden).float()
-                leave = rule.decide(logits, state)
-                if leave.any():  # the one host sync per layer: whether the batch shrinks
-                    leaving = rows.active[leave]
-                    logits_out[leaving] = logits[leave]
-                    exit_layer[leaving] = layer_index
-                    stay = ~leave
-                    if not stay.any():
+                logits = ramp(hidden, rows.take(weights)).float()
+                # The one host sync per layer: the rule decides on the host, where the batch is cut.
+                leave = rule.decide(logits.tolist(), state)
+                if any(leave):
+                    if all(leave):
+                        logits_out[rows.active] = logits
+                        exit_layer[rows.active] = layer_index
                         raise _AllExited
-                    rows.keep(stay)
-                    state = {k: v[stay] for k, v in state.items()}
-                    hidden = hidden[stay]
+                    leave_rows = torch.tensor(leave, device=device)
+                    leaving = rows.active[leave_rows]
+                    logits_out[leaving] = logits[leave_rows]
+                    exit_layer[leaving] = layer_index
+                    stay_rows = ~leave_rows
+                    rows.keep(stay_rows)
+                    state = {k: [x for x, gone in zip(v, leave) if not gone] for k, v in state.items()}
+                    hidden = hidden[stay_rows]
                 elif not rows.shrunk:
                     return None  # the common case: nobody has left, nothing to cut
                 # The encoder hands every layer the full-batch attention mask (and any other per-row tensor):
@@ -406,6 +469,9 @@ class _RowSelection:
         self._cut = {}
 
     def take(self, obj: Any) -> Any:
+        """`obj` (a tensor, or tensors in a tuple, list or mapping) cut to the rows still running."""
+        if not self.shrunk:
+            return obj
         if isinstance(obj, torch.Tensor):
             if not (obj.dim() > 0 and obj.shape[0] == self.batch_size > 1):
                 return obj  # broadcast (first dimension 1) or not per row
