@@ -40,7 +40,7 @@ from common.args import (
     check_run_args, parse_with_builtin_defaults, raise_if_problems, script_parser,
 )
 from common.data.glue_tasks import TASKS
-from common.models.pooling import POOLINGS
+from common.models.pooling import MEAN, POOLINGS
 from common.errors import UserError, run_cli
 
 if not answering_help(__name__):  # -h/--help answers at once: argparse needs none of what follows
@@ -369,7 +369,8 @@ def train_stages(ctx: DistContext, args: argparse.Namespace, run: Run, model: Ea
         save_model(folder)
         write_json_atomic(os.path.join(folder, HELD_OUT), held_out)
 
-    summary: dict[str, Any] = {"num_examples": int(len(train_set["labels"])), "scheme": args.training_scheme}
+    summary: dict[str, Any] = {"num_examples": int(len(train_set["labels"])), "scheme": args.training_scheme,
+                               "off_ramp_pooling": model.pooling}
     distill = SelfDistillation(args.self_distillation_weight if args.self_distillation else 0.0,
                                args.self_distillation_temperature)
     off_ramp_lr = args.off_ramp_learning_rate or args.learning_rate
@@ -664,7 +665,8 @@ def write_run_outputs(args: argparse.Namespace, run: Run, results: dict[str, Any
     write_model_card(
         run.output_dir, f"{'PABEE' if joint else 'DeeBERT'} early exit: {run.task}",
         f"A {run.task} classifier fine-tuned from `{run.model_path}` with early exit: an "
-        "off-ramp (pooler + classifier) after each encoder layer lets confident inputs leave before the last one.",
+        f"off-ramp ({'mean of the tokens' if train['off_ramp_pooling'] == MEAN else 'first-token pooler'} + "
+        "classifier) after each encoder layer lets confident inputs leave before the last one.",
         {"method": method,
          "base model": run.model_path, "task": run.task, "training examples": train.get("num_examples"),
          "learning rate (backbone / off-ramps)": [args.learning_rate,

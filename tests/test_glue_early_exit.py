@@ -372,10 +372,12 @@ def test_builtin_demo_keeps_flags_typed_with_their_default_value():
 def test_joint_scheme_trains_one_stage_with_the_off_ramp_rate_and_resumes(tiny_bert_dir, sst2_dir, tmp_path):
     # 160 rows, batch 16: 10 steps, no warmup, linear decay: after step s the lr is lr * (10 - s) / 10.
     common = ["--do_train", "--training_scheme", "joint", "--num_train_epochs", "1", "--logging_steps", "1",
-              "--off_ramp_learning_rate", "0.02", "--save_steps", "6", "--self_distillation"]
+              "--off_ramp_learning_rate", "0.02", "--save_steps", "6", "--self_distillation",
+              "--off_ramp_pooling", "mean"]
     full = tmp_path / "full"
     results = script.main(glue_args(tiny_bert_dir, sst2_dir, full, "sst-2", *common))
-    assert set(results["train"]) == {"num_examples", "scheme", "joint"}
+    assert set(results["train"]) == {"num_examples", "scheme", "off_ramp_pooling", "joint"}
+    assert results["train"]["off_ramp_pooling"] == "mean" and "(mean of the tokens" in (full / "README.md").read_text()
     assert results["train"]["joint"]["global_step"] == 10
     assert (full / "checkpoint-joint-000006" / "optimizer.pt").is_file()
     assert not list(full.glob("checkpoint-stage*"))
@@ -391,7 +393,7 @@ def test_joint_scheme_trains_one_stage_with_the_off_ramp_rate_and_resumes(tiny_b
     after = model_state(str(full))
     assert not torch.equal(before, after[f"backbone.bert.{name}"])
     reloaded = script.EarlyExitModel.from_pretrained(str(full))
-    assert reloaded.off_ramps_trained
+    assert reloaded.off_ramps_trained and reloaded.pooling == "mean"
     resumed = tmp_path / "resumed"
     script.main(glue_args(tiny_bert_dir, sst2_dir, resumed, "sst-2", *common, "--resume_from_checkpoint",
                           str(full / "checkpoint-joint-000006")))
