@@ -16,11 +16,12 @@
    patience threshold and of the chosen one.
 4. Timing, under --timing_lock when given (one benchmark at a time on a shared machine): per timed model and
    --eval_batch_sizes, wall time of the plain model (every layer, the stock forward) and of early exit under
-   --timed_entropy / --timed_patience / the chosen threshold, on the first --timing_examples dev rows, in one
-   mirrored order (plain, r1 .. rk, rk .. r1, plain: ABBA for every rule at once, so a drifting load hits all
-   alike); speed-up = plain seconds / rule seconds. And the early-exit machinery's own cost, for the last
-   variant of each off-ramp pooling: the plain model against early exit with a rule that checks every off-ramp
-   and never fires, --overhead_repeats ABBA rounds.
+   --timed_entropy / --timed_patience / the chosen threshold, on the first --timing_examples dev rows, each
+   batch run in one mirrored order (plain, r1 .. rk, rk .. r1, plain: ABBA for every rule at once, batch by
+   batch, so a drifting load hits all alike); speed-up = plain seconds / rule seconds. And the early-exit
+   machinery's own cost, for the last variant of each off-ramp pooling: the plain model against early exit with
+   a rule that checks every off-ramp and never fires, batch by batch in alternating order (A B, B A, ...),
+   --overhead_repeats passes each.
 5. Optionally (--throughput_steps > 0) stage-one training throughput with fixed and dynamic padding, ABBA.
 
 Prints a table and writes everything, with the environment and the load, to <output_dir>/bench_results.json.
@@ -116,7 +117,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--timing_examples", default=192, type=int,
                         help="Dev rows (the first ones) each timed pass runs over; 0: all.")
     parser.add_argument("--overhead_repeats", default=3, type=int,
-                        help="ABBA rounds of the plain model against early exit that never fires.")
+                        help="Passes of the plain model and of early exit that never fires, alternating batch "
+                             "by batch.")
     parser.add_argument("--reuse_models", action="store_true",
                         help="Evaluate and time the models a previous run of this bench left in --output_dir (each "
                              "model folder's fine_tune.json) instead of training them again; variants it has no "
@@ -375,28 +377,34 @@ def run_pass(model: EarlyExitModel, data: list[dict[str, torch.Tensor]], rule: E
 
 def time_rules(model: EarlyExitModel, data: list[dict[str, torch.Tensor]], rules: list[ExitRule]
                ) -> dict[str, Any]:
-    """Seconds of the plain model and of each rule, two passes each in mirrored order (plain, r1 .. rk,
-    rk .. r1, plain) after one untimed warm-up pass of each."""
+    """Seconds of the plain model and of each rule over `data`, after one untimed warm-up of each: every batch
+    runs twice under each, in mirrored order (plain, r1 .. rk, rk .. r1, plain), batch after batch, so drift in
+    the machine's speed hits all alike."""
     for rule in [None, *rules]:
         run_pass(model, data[:2], rule)
     order: list[ExitRule | None] = mirrored_order([None, *rules])
     seconds: dict[str, float] = {}
-    for rule in order:
-        name = "plain" if rule is None else rule.label
-        seconds[name] = seconds.get(name, 0.0) + run_pass(model, data, rule)
+    for batch in data:
+        for rule in order:
+            name = "plain" if rule is None else rule.label
+            seconds[name] = seconds.get(name, 0.0) + run_pass(model, [batch], rule)
     plain = seconds.pop("plain")
     return {"plain_seconds": plain, "rules": [{"rule": r.label, "seconds": seconds[r.label],
                                                "speedup": plain / seconds[r.label]} for r in rules]}
 
 
 def time_overhead(model: EarlyExitModel, data: list[dict[str, torch.Tensor]], repeats: int) -> dict[str, Any]:
-    """The plain model (A) against early exit whose rule never fires (B), ABBA order, after a warm-up."""
+    """The plain model (A) against early exit whose rule never fires (B), after a warm-up: each batch twice in a
+    row, A B on even batches and B A on odd ones (the order flipped again every repeat), so drift in the
+    machine's speed, which over a whole pass is as large as the few percent measured, hits both alike."""
     rule = NeverFires()
     run_pass(model, data[:2], None)
     run_pass(model, data[:2], rule)
     seconds = {False: 0.0, True: 0.0}
-    for machinery in abba_order(repeats):
-        seconds[machinery] += run_pass(model, data, rule if machinery else None)
+    for repeat in range(repeats):
+        for i, batch in enumerate(data):
+            for machinery in ((False, True) if (i + repeat) % 2 == 0 else (True, False)):
+                seconds[machinery] += run_pass(model, [batch], rule if machinery else None)
     return {"plain_seconds": seconds[False], "early_exit_seconds": seconds[True],
             "overhead": seconds[True] / seconds[False] - 1.0, "passes_each": repeats}
 
@@ -506,7 +514,7 @@ def report(bench: dict[str, Any]) -> str:
                               "below full model", "avg exit layer", *[f"speed-up bs{b}" for b in bss]], rows)]
     if bench.get("overhead"):
         out += ["", "No-exit overhead: plain model vs early exit whose rule checks every off-ramp and never fires, "
-                f"{cfg['overhead_repeats']} ABBA rounds",
+                f"batch by batch in alternating order, {cfg['overhead_repeats']} passes each",
                 format_table(["variant", "batch", "rows", "plain s", "early exit s", "overhead", "load before/after"],
                              [[v, bs, r["rows"], f"{r['plain_seconds']:.2f}", f"{r['early_exit_seconds']:.2f}",
                                f"{100 * r['overhead']:+.1f}%", f"{r['load_before']} / {r['load_after']}"]
