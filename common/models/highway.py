@@ -394,11 +394,11 @@ class EarlyExitModel(nn.Module):
         """
         batch_size = inputs["input_ids"].shape[0]
         device = inputs["input_ids"].device
-        exit_layer = torch.full((batch_size,), self.num_layers, dtype=torch.long, device=device)
         if rule is None or not rule.can_exit(len(self.off_ramps)):
-            return self.backbone(**inputs).logits.float(), exit_layer
+            return self.backbone(**inputs).logits.float(), self._exit_layers(batch_size, device, [])
 
-        logits_out = torch.empty(batch_size, self.backbone.config.num_labels, device=device)
+        # Nothing is allocated per call until a row leaves: at batch size 1 every operator counts.
+        exits: list[tuple[torch.Tensor, torch.Tensor, int]] = []  # (original rows, their logits, exit layer)
         rows = _RowSelection(batch_size, device)
         state = rule.init_state(batch_size)
         weights = self.token_weights(inputs)
@@ -409,18 +409,17 @@ class EarlyExitModel(nn.Module):
             def hook(module: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict] | None:
                 nonlocal state
                 hidden = args[0] if args else kwargs["hidden_states"]
-                logits = ramp(hidden, rows.take(weights)).float()
+                logits = ramp(hidden, rows.take(weights))
+                if logits.dtype != torch.float32:
+                    logits = logits.float()
                 # The one host sync per layer: the rule decides on the host, where the batch is cut.
                 leave = rule.decide(logits.tolist(), state)
                 if any(leave):
                     if all(leave):
-                        logits_out[rows.active] = logits
-                        exit_layer[rows.active] = layer_index
+                        exits.append((rows.active, logits, layer_index))
                         raise _AllExited
                     leave_rows = torch.tensor(leave, device=device)
-                    leaving = rows.active[leave_rows]
-                    logits_out[leaving] = logits[leave_rows]
-                    exit_layer[leaving] = layer_index
+                    exits.append((rows.active[leave_rows], logits[leave_rows], layer_index))
                     stay_rows = ~leave_rows
                     rows.keep(stay_rows)
                     state = {k: [x for x, gone in zip(v, leave) if not gone] for k, v in state.items()}
@@ -440,16 +439,26 @@ class EarlyExitModel(nn.Module):
         handles = [layers[j].register_forward_pre_hook(pre_hook(j), with_kwargs=True) for j in range(1, len(layers))]
         try:
             final = self.backbone(**inputs).logits.float()
-            if rows.shrunk:
-                logits_out[rows.active] = final
-            else:
-                logits_out = final
+            if not exits:
+                return final, self._exit_layers(batch_size, device, [])
+            exits.append((rows.active, final, self.num_layers))
         except _AllExited:
             pass
         finally:
             for h in handles:
                 h.remove()
-        return logits_out, exit_layer
+        logits_out = torch.empty(batch_size, exits[0][1].shape[-1], device=device)
+        for leaving, logits, _ in exits:
+            logits_out[leaving] = logits
+        return logits_out, self._exit_layers(batch_size, device, exits)
+
+    def _exit_layers(self, batch_size: int, device: torch.device,
+                     exits: list[tuple[torch.Tensor, torch.Tensor, int]]) -> torch.Tensor:
+        """1-based exit layer of each row: the last layer, except for the rows in `exits`."""
+        exit_layer = torch.full((batch_size,), self.num_layers, dtype=torch.long, device=device)
+        for leaving, _, layer in exits:
+            exit_layer[leaving] = layer
+        return exit_layer
 
 
 class _RowSelection:
@@ -459,12 +468,19 @@ class _RowSelection:
 
     def __init__(self, batch_size: int, device: torch.device) -> None:
         self.batch_size = batch_size
-        self.active = torch.arange(batch_size, device=device)
+        self.device = device
+        self._active: torch.Tensor | None = None  # made when first asked for (most calls never cut the batch)
         self.shrunk = False
         self._cut: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
 
+    @property
+    def active(self) -> torch.Tensor:
+        if self._active is None:
+            self._active = torch.arange(self.batch_size, device=self.device)
+        return self._active
+
     def keep(self, stay: torch.Tensor) -> None:
-        self.active = self.active[stay]
+        self._active = self.active[stay]
         self.shrunk = True
         self._cut = {}
 
