@@ -55,7 +55,7 @@ def test_bare_loop_losses_do_the_same_matrix_work(tiny_mlm_teacher_dir, lm_corpu
     argv = compared_argv(tiny_mlm_teacher_dir, str(tmp_path / "student"), data, counts, seed=3, steps=2)
     result = limit(argv, str(tmp_path / "out"), threads=1, repeats=1)
     assert [r["loss"] for r in result["runs"]] == ["chunked", "whole logits"]
-    assert result["micro_batches"] == 2 * 5 and all(r["seconds"] > 0 for r in result["runs"])
+    assert result["micro_batches"] == 2 * 5 and all(r["seconds"] > 0 and r["cpu_seconds"] > 0 for r in result["runs"])
     chunked, whole = result["ceiling"]["chunked"], result["ceiling"]["whole logits"]
     assert chunked["tokens"] == whole["tokens"] > 0
     # The chunked losses reorder the output projection's products, they do not add or drop any.
