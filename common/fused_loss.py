@@ -27,11 +27,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-# Bytes of vocabulary-sized float32 temporaries one chunk may hold (four tensors of chunk x vocabulary): the
-# matrix products run at full speed from about 128 rows on, and beyond 512 the elementwise passes lose more to
-# the caches than the products gain. Rows come in whole multiples of CHUNK_ROW_MULTIPLE: at a vocabulary of
-# 30,522 on 2 threads, 137 rows (the old 64 MiB target) made the chunked losses 18-20% slower than 128 or 256.
-CHUNK_MEMORY_TARGET = 128 * 2**20
+# Bytes of vocabulary-sized float32 temporaries one chunk may hold (four tensors of chunk x vocabulary), and
+# rows in whole multiples of CHUNK_ROW_MULTIPLE: at a vocabulary of 30,522 on 2 threads the 137 rows this
+# target gave unrounded ran the vocabulary products about 18% slower than 128; 256 rows (a 128 MiB target) were
+# faster for the loss alone but made whole distillation steps 0.89x as fast as 128 (the rest of the step loses
+# the caches).
+CHUNK_MEMORY_TARGET = 64 * 2**20
 TENSORS_PER_ROW = 4
 CHUNK_ROW_MULTIPLE = 64
 

@@ -134,8 +134,8 @@ def test_helpers():
     assert lm_targets(labels, causal=True).tolist() == [2, 3, -100, 5, -100, -100]
     assert lm_targets(labels, causal=False).tolist() == [1, 2, 3, 4, 5, -100]
     assert chunk_rows(30522, 100) == 100
-    assert chunk_rows(30522) == 256  # 128 MiB / (4 tensors x 4 bytes x 30,522) = 274, in whole blocks of 64
-    assert chunk_rows(250_000) == 33 and chunk_rows(10) >= 1  # fewer than a block fit: as many as fit
+    assert chunk_rows(30522) == 128  # 64 MiB / (4 tensors x 4 bytes x 30,522) = 137, in whole blocks of 64
+    assert chunk_rows(500_000) == 8 and chunk_rows(10) >= 1  # fewer than a block fit: as many as fit
     _, student = tiny_pair(False)
     projection = output_projection(student)
     with projection_removed(student) as taken:
