@@ -21,7 +21,12 @@ the first --compare_lines lines of wiki.valid.raw, the teacher with a fresh mask
 (untrained), a 3-layer DistilBERT student from its layers 0, 2 and 4, batch 5, accumulation 5, lr 5e-4, alpha_ce
 5, alpha_mlm 2, alpha_cos 1, temperature 2, --freeze_pos_embs, --compare_threads threads, for --compare_steps
 optimizer steps: training tokens/s (real tokens; both sides see the same batches) and each process's peak
-resident memory (its own, from wait4).
+resident memory (its own, from wait4). With --compare_largest N both sides train instead on the sequences of the
+epoch's N micro-batches with the most padded tokens, written to a file of their own: the peak memory of the
+epoch's largest batches, in a few steps (a lower bound of a whole epoch's: at the issue's settings the epoch ran
+0.45 GB higher, the allocator keeping memory from its many batch shapes). The micro-batches at the epoch's end that fill
+no accumulation are candidates too: the loop leaves them out, but with length-grouped batches the last one holds
+the longest sequences, which the original distiller did train on.
 
 Prints a table and writes everything, with the environment, to <output_dir>/bench_results.json.
 
@@ -43,17 +48,22 @@ import subprocess
 import sys
 import tempfile
 import time
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 from common.args import answering_help
 from common.bench import abba_order, bench_parser, format_table, load_average, new_record, run_script, write_record
 from common.errors import RESULTS_ENV, UserError, run_cli
 
 if not answering_help(__name__):  # -h/--help answers at once: argparse needs none of what follows
+    import numpy as np
     import torch
     from transformers import AutoTokenizer, BertForMaskedLM
 
+    import distill
     from common.builtin.distill import train_masked_lm
+    from common.distillation import hidden_cosine, lm_cross_entropy, soft_cross_entropy
+    from common.matmul_ceiling import MatmulRecorder, replay_seconds
+    from common.models.student import load_teacher
     from common.distributed import DistContext
     from common.data import lm
     from common.pretrained import check_model_folder
@@ -93,11 +103,21 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--compare_repeats", default=2, type=int,
                         help="Runs of each side, in ABBA order (2: A B B A).")
     parser.add_argument("--compare_threads", default=2, type=int, help="Torch threads of each compared run.")
+    parser.add_argument("--compare_limit", action="store_true",
+                        help="Also measure the compared work in the barest stock-PyTorch loop (chunked losses and "
+                             "whole logits) and its matrix-multiply ceiling (its matrix products alone).")
+    parser.add_argument("--compare_largest", default=0, type=int,
+                        help="Train both compared sides only on the sequences of the N micro-batches of the epoch "
+                             "with the most padded tokens (those at its end that fill no accumulation included): the "
+                             "peak memory of the epoch's largest batches in a few steps (a whole epoch's is higher: "
+                             "the allocator keeps memory from its many batch shapes; 0: the data from its start).")
     args = parser.parse_args(argv)
     problems = [f"--{name} must be at least 1" for name in ("repeat", "distill_steps", "batch_size", "eval_lines",
                                                             "head_batch_size", "compare_steps", "compare_lines",
                                                             "compare_repeats", "compare_threads")
                 if getattr(args, name) < 1]
+    if args.compare_largest < 0:
+        problems.append("--compare_largest cannot be negative")
     if args.compare_with is not None and not os.path.isfile(os.path.join(args.compare_with, "scripts", "distill.py")):
         problems.append(f"--compare_with {args.compare_with}: no scripts/distill.py there (give a checkout of this "
                         "project)")
@@ -242,17 +262,40 @@ def run_measured(checkout: str, argv: Sequence[str], threads: int) -> dict[str, 
             "peak_rss_mb": peak_kb / 1024}
 
 
-def measured_batches(data_file: str, tokenizer: Any, max_positions: int, steps: int, batch_size: int,
-                     accumulation: int, seed: int) -> dict[str, int]:
-    """The longest sequence in the micro-batches the compared runs take, and in the whole epoch (peak memory
-    follows the longest batch: a short run measures the steady state only if it meets one as long)."""
-    max_len = min(tokenizer.model_max_length, max_positions)  # what distill.py takes when not told
-    data = lm.LmDataset(lm.TokenFile(data_file), max_len, tokenizer.unk_token_id)
-    batches = lm.LmBatches(data, batch_size, seed, tokenizer.pad_token_id, lambda i, m: (i, m), True, max_len)
-    epoch = batches.epoch(0, DistContext(device=torch.device("cpu")))
-    longest = [max(int(data.lengths[i]) for i in b) for b in epoch]
-    return {"sequences": len(data), "micro_batches_measured": steps * accumulation,
-            "longest_measured": max(longest[:steps * accumulation]), "longest_in_epoch": max(longest)}
+def planned_micro_batches(data: Any, tokenizer: Any, max_len: int, steps: int | None, batch_size: int,
+                          accumulation: int, seed: int) -> list[np.ndarray]:
+    """The micro-batches (example indices) that distill.py takes from `data` in a single-process run of `steps`
+    optimizer steps, length-grouped as by default; None: every micro-batch of the first epoch, also those that
+    fill no accumulation at its end, which the loop leaves out (the original distiller ran them)."""
+    source = lm.LmBatches(data, batch_size, seed, tokenizer.pad_token_id, lambda i, m: (i, m), True, max_len)
+    ctx = DistContext(device=torch.device("cpu"))
+    if steps is None:
+        return [np.asarray(b, dtype=np.int64) for b in source.epoch(0, ctx)]
+    per_epoch = source.batches_per_epoch(ctx) // accumulation
+    return list(source.planned_batches(1, steps, per_epoch, accumulation))
+
+
+def largest_batches(batches: Sequence[np.ndarray], lengths: np.ndarray, n: int) -> list[np.ndarray]:
+    """The `n` batches with the most padded tokens (sequences x longest length; then the most real tokens), in
+    their order: those that set the peak memory of a run through all of `batches`."""
+    size = [(len(b) * int(lengths[b].max()), int(lengths[b].sum())) for b in batches]
+    chosen = sorted(sorted(range(len(batches)), key=lambda i: size[i], reverse=True)[:n])
+    return [batches[i] for i in chosen]
+
+
+def batch_shapes(batches: Sequence[np.ndarray], lengths: np.ndarray) -> dict[str, int]:
+    """The longest sequence and the largest padded micro-batch (sequences x longest length) of `batches`."""
+    return {"longest": max(int(lengths[b].max()) for b in batches),
+            "largest_padded": max(len(b) * int(lengths[b].max()) for b in batches)}
+
+
+def compared_argv(teacher: str, student: str, data: str, counts: str, seed: int, steps: int) -> list[str]:
+    """distill.py's flags at the settings of the original train.py run (no --output_dir)."""
+    return ["--teacher_name", teacher, "--student_pretrained_weights", student, "--data_file", data,
+            "--token_counts", counts, "--overwrite_output_dir", "--mlm", "--alpha_ce", "5", "--alpha_mlm", "2",
+            "--alpha_cos", "1", "--temperature", "2", "--freeze_pos_embs", "--seed", str(seed), "--batch_size", "5",
+            "--gradient_accumulation_steps", "5", "--learning_rate", "5e-4", "--max_steps", str(steps),
+            "--checkpoint_interval", "0", "--log_interval", str(steps), "--disable_tqdm"]
 
 
 def compare(args: argparse.Namespace, start: float) -> dict[str, Any]:
@@ -276,15 +319,24 @@ def compare(args: argparse.Namespace, start: float) -> dict[str, Any]:
     tokenizer.save_pretrained(teacher)
     run_script(EXTRACT_STUDENT, ["--model_name", teacher, "--layers", "0", "2", "4", "--vocab_transform",
                                  "--dump_checkpoint", student], quiet=True)
+    max_len = min(tokenizer.model_max_length, model.config.max_position_embeddings)  # what distill.py takes
+    epoch_data = lm.LmDataset(lm.TokenFile(data), max_len, tokenizer.unk_token_id)
+    epoch = planned_micro_batches(epoch_data, tokenizer, max_len, None, 5, 5, args.seed)
+    trained = planned_micro_batches(epoch_data, tokenizer, max_len, len(epoch) // 5, 5, 5, args.seed)
+    train_data = epoch_data
+    if args.compare_largest:  # both sides train on the sequences of the epoch's largest micro-batches alone
+        largest = largest_batches(epoch, epoch_data.lengths, args.compare_largest)
+        data = os.path.join(data_dir, f"valid.largest{args.compare_largest}.bin")
+        lm.write_items(epoch_data, np.concatenate(largest), data)
+        train_data = lm.LmDataset(lm.TokenFile(data), max_len, tokenizer.unk_token_id)
+    measured = planned_micro_batches(train_data, tokenizer, max_len, args.compare_steps, 5, 5, args.seed)
+    bench["batches"] = {"sequences": len(epoch_data), "tokens": int(epoch_data.lengths.sum()),
+                        "sequences_trained_on": len(train_data), "micro_batches_measured": len(measured),
+                        "measured": batch_shapes(measured, train_data.lengths),
+                        "epoch": batch_shapes(epoch, epoch_data.lengths),
+                        "epoch_trained": batch_shapes(trained, epoch_data.lengths)}
     wall["prepare"] = time.perf_counter() - t0
-    bench["batches"] = measured_batches(data, tokenizer, model.config.max_position_embeddings, args.compare_steps, 5,
-                                        5, args.seed)
-    argv = ["--teacher_name", teacher, "--student_pretrained_weights", student, "--data_file", data,
-            "--token_counts", counts, "--overwrite_output_dir", "--mlm", "--alpha_ce", "5", "--alpha_mlm", "2",
-            "--alpha_cos", "1", "--temperature", "2", "--freeze_pos_embs", "--seed", str(args.seed),
-            "--batch_size", "5", "--gradient_accumulation_steps", "5", "--learning_rate", "5e-4",
-            "--max_steps", str(args.compare_steps), "--checkpoint_interval", "0", "--log_interval",
-            str(args.compare_steps), "--disable_tqdm"]
+    argv = compared_argv(teacher, student, data, counts, args.seed, args.compare_steps)
     sides = {"before": os.path.abspath(args.compare_with), "this": ROOT}
     t0 = time.perf_counter()
     bench["compare"] = []
@@ -298,10 +350,119 @@ def compare(args: argparse.Namespace, start: float) -> dict[str, Any]:
               f"{result['cpu_seconds']:.0f} CPU seconds, peak {result['peak_rss_mb']:.0f} MB (load "
               f"{load_average()})", flush=True)
     wall["compare"] = time.perf_counter() - t0
+    if args.compare_limit:
+        t0 = time.perf_counter()
+        bench["limit"] = limit(argv, out, args.compare_threads, args.compare_repeats)
+        wall["limit"] = time.perf_counter() - t0
     tokens = {r["train"]["tokens_this_run"] for r in bench["compare"]}
     if len(tokens) != 1:
         raise UserError(f"the compared runs trained on different token counts ({sorted(tokens)})")
     return write_record(out, bench, wall, start, compare_report, load_before)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# --compare_limit: what the work costs done as barely as stock PyTorch allows, and its matrix products alone
+
+
+def whole_logits_step(losses: Any, teacher: Any) -> Callable[..., tuple[torch.Tensor, dict[str, torch.Tensor]]]:
+    """The loss mix on whole logits (common.distillation's straightforward functions), the teacher under
+    inference_mode: the stock-PyTorch formulation the chunked one replaced (MLM student)."""
+    def step(model: Any, batch: dict[str, torch.Tensor], state: Any = None):
+        ids, attention, labels = batch["input_ids"], batch["attention_mask"], batch["labels"]
+        hidden = losses.alpha_cos > 0
+        s = model(input_ids=ids, attention_mask=attention, output_hidden_states=hidden)
+        with torch.inference_mode():
+            t = teacher(input_ids=ids, attention_mask=attention, output_hidden_states=hidden)
+        rows = (labels != -100) if losses.restrict_ce_to_mask else attention.bool()
+        terms = {"loss_ce": soft_cross_entropy(s.logits, t.logits, losses.temperature, rows),
+                 "loss_mlm": lm_cross_entropy(s.logits, labels, causal=False)}
+        total = losses.alpha_ce * terms["loss_ce"] + losses.alpha_mlm * terms["loss_mlm"]
+        if hidden:
+            terms["loss_cos"] = hidden_cosine(s.hidden_states[-1], t.hidden_states[-1].clone(), attention)
+            total = total + losses.alpha_cos * terms["loss_cos"]
+        return total, terms
+    return step
+
+
+def bare_loop(student: Any, step: Callable[..., Any], batches: Sequence[dict[str, torch.Tensor]],
+              dargs: argparse.Namespace) -> tuple[float, float]:
+    """Wall and CPU seconds (this process, all threads) of the barest training loop over collated `batches`: the
+    loss step, backward of the loss over the accumulation, gradient clipping and an AdamW step every
+    --gradient_accumulation_steps batches."""
+    params = [p for p in student.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=dargs.learning_rate, betas=distill.ADAM_BETAS, eps=dargs.adam_epsilon,
+                                  weight_decay=dargs.weight_decay)
+    accumulation = dargs.gradient_accumulation_steps
+    student.train()
+    start, cpu_start = time.perf_counter(), time.process_time()
+    for i, batch in enumerate(batches):
+        loss, _ = step(student, batch, None)
+        (loss / accumulation).backward()
+        if (i + 1) % accumulation == 0:
+            torch.nn.utils.clip_grad_norm_(params, dargs.max_grad_norm)
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+    return time.perf_counter() - start, time.process_time() - cpu_start
+
+
+def limit(argv: Sequence[str], out: str, threads: int, repeats: int) -> dict[str, Any]:
+    """The compared runs' work (their flags `argv`, the same micro-batches, masked the same way though not at the
+    same positions) in `bare_loop`, with the project's chunked loss step and with whole logits, in ABBA order;
+    then the matrix-multiply ceiling of each: one optimizer step's matrix products (common.matmul_ceiling)
+    replayed alone. At `threads` torch threads, in this process."""
+    dargs = distill.parse_args([*argv, "--output_dir", os.path.join(out, "limit")])
+    ctx = DistContext(device=torch.device("cpu"))
+    run = distill.resolve_run(dargs, ctx)
+    tokenizer = AutoTokenizer.from_pretrained(run.tokenizer_path)
+    teacher = load_teacher(run.teacher_path, run.teacher_type, None).eval().requires_grad_(False)
+    token_file = lm.TokenFile(run.data_file)
+    max_len = distill.max_input_length(dargs, tokenizer, teacher, distill.load_student(dargs, run))
+    data = lm.LmDataset(token_file, max_len, tokenizer.unk_token_id)
+    probs = distill.token_probabilities(ctx, run, token_file, tokenizer, teacher.config.vocab_size,
+                                        dargs.mlm_smoothing)
+    source = distill.batch_source(dargs, run, data, tokenizer, teacher.config.vocab_size, probs, max_len, ctx.device)
+    per_epoch = source.batches_per_epoch(ctx) // dargs.gradient_accumulation_steps
+    torch.manual_seed(dargs.seed)
+    batches = [source.collate(b, ctx.device) for b in source.planned_batches(
+        1, dargs.max_steps, per_epoch, dargs.gradient_accumulation_steps)]
+    tokens = sum(int(b["attention_mask"].sum()) for b in batches)
+    steps = {"chunked": distill.DistillStep(run, teacher, dargs.loss_chunk_size),
+             "whole logits": whole_logits_step(run.losses, teacher)}
+
+    def fresh_student() -> Any:
+        torch.manual_seed(dargs.seed)
+        student = distill.load_student(dargs, run)
+        distill.freeze_embeddings(student, dargs, run.student_type)
+        return student
+
+    threads_before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        result: dict[str, Any] = {"tokens": tokens, "micro_batches": len(batches), "runs": []}
+        for whole in abba_order(repeats):
+            name = "whole logits" if whole else "chunked"
+            seconds, cpu = bare_loop(fresh_student(), steps[name], batches, dargs)
+            result["runs"].append({"loss": name, "seconds": seconds, "cpu_seconds": cpu,
+                                   "tokens_per_second": tokens / seconds})
+            print(f"bare loop, {name}: {tokens / seconds:.0f} tokens/s, {cpu:.0f} CPU seconds (load "
+                  f"{load_average()})", flush=True)
+        one_step = batches[:dargs.gradient_accumulation_steps]
+        step_tokens = sum(int(b["attention_mask"].sum()) for b in one_step)
+        result["ceiling"] = {}
+        for name, step in steps.items():
+            student = fresh_student().train()
+            with MatmulRecorder() as recorder:
+                for batch in one_step:
+                    step(student, batch, None)[0].backward()
+            seconds = replay_seconds(recorder.calls)
+            result["ceiling"][name] = {"tokens": step_tokens, "flops_per_token": recorder.flops / step_tokens,
+                                       "matmul_seconds": seconds, "tokens_per_second": step_tokens / seconds,
+                                       "gflops_per_second": recorder.flops / seconds / 1e9}
+            print(f"matrix-multiply ceiling, {name}: {recorder.flops / step_tokens / 1e6:.0f} MFLOP per token, "
+                  f"{recorder.flops / seconds / 1e9:.1f} GFLOP/s, {step_tokens / seconds:.0f} tokens/s", flush=True)
+    finally:
+        torch.set_num_threads(threads_before)
+    return result
 
 
 def compare_report(bench: dict[str, Any]) -> str:
@@ -315,17 +476,38 @@ def compare_report(bench: dict[str, Any]) -> str:
              f"{r['train']['tokens_per_second']:.0f}", f"{r['cpu_seconds']:.0f}", f"{r['peak_rss_mb'] / 1024:.2f} GB"]
             for r in runs]
     env = bench["environment"]
+    trained_on = (f"the {b['sequences_trained_on']} sequences of the epoch's {cfg['compare_largest']} largest "
+                  f"micro-batches out of" if cfg["compare_largest"] else "the start of")
+    m, e, et = b["measured"], b["epoch"], b["epoch_trained"]
+    lines = []
+    if "limit" in bench:
+        lim = bench["limit"]
+        bare = {name: sum(r["tokens_per_second"] for r in lim["runs"] if r["loss"] == name)
+                / sum(r["loss"] == name for r in lim["runs"]) for name in ("chunked", "whole logits")}
+        each = {name: [r for r in lim["runs"] if r["loss"] == name] for name in bare}
+        limit_rows = [[name, ", ".join(f"{r['tokens_per_second']:.0f}" for r in each[name]),
+                       ", ".join(f"{r['cpu_seconds']:.0f}" for r in each[name]), f"{c['flops_per_token'] / 1e6:.0f}",
+                       f"{c['gflops_per_second']:.1f}", f"{c['tokens_per_second']:.0f}",
+                       f"{mean['this']['tps'] / bare[name]:.2f}", f"{mean['this']['tps'] / c['tokens_per_second']:.2f}"]
+                      for name, c in lim["ceiling"].items()]
+        lines = ["", f"The same work in the barest stock-PyTorch loop ({lim['micro_batches']} micro-batches, "
+                 f"{lim['tokens']} tokens, ABBA) and its matrix products alone (one optimizer step's, each replayed "
+                 "alone at its shape)",
+                 format_table(["loss", "bare loop tokens/s", "bare loop CPU s", "matmul MFLOP/token", "matmul GFLOP/s",
+                               "ceiling tokens/s", "this / bare", "this / ceiling"], limit_rows)]
     return "\n".join([
-        f"Distillation side by side (ABBA), {cfg['compare_steps']} steps of 5 x 5 sequences of the first "
-        f"{cfg['compare_lines']} lines of wiki.valid.raw ({b['sequences']} sequences); {cfg['compare_threads']} "
-        f"threads; load {env['load_average_1_5_15min_before']} before, {env['load_average_1_5_15min_after']} after",
-        f"before: {cfg['compare_with']}; this: {ROOT}. Longest sequence in the measured micro-batches "
-        f"{b['longest_measured']} tokens (the epoch's: {b['longest_in_epoch']}).",
+        f"Distillation side by side (ABBA), {cfg['compare_steps']} steps of 5 x 5 sequences: {trained_on} the first "
+        f"{cfg['compare_lines']} lines of wiki.valid.raw ({b['sequences']} sequences, {b['tokens']} tokens); "
+        f"{cfg['compare_threads']} threads; load {env['load_average_1_5_15min_before']} before, "
+        f"{env['load_average_1_5_15min_after']} after",
+        f"before: {cfg['compare_with']}; this: {ROOT}. Measured micro-batches: longest sequence {m['longest']} "
+        f"tokens, largest {m['largest_padded']} padded tokens (the epoch's: {e['longest']}, {e['largest_padded']}; in "
+        f"the micro-batches a one-epoch run trains: {et['longest']}, {et['largest_padded']}).",
         format_table(["side", "tokens", "train seconds", "tokens/s", "process CPU seconds", "peak resident"], rows),
         f"this / before: {mean['this']['tps'] / mean['before']['tps']:.2f}x the tokens/s, "
         f"{mean['before']['cpu'] / mean['this']['cpu']:.2f}x fewer CPU seconds (whole process), "
         f"{mean['this']['peak'] / mean['before']['peak']:.2f}x the peak memory "
-        f"({mean['before']['peak'] / 1024:.2f} -> {mean['this']['peak'] / 1024:.2f} GB)"])
+        f"({mean['before']['peak'] / 1024:.2f} -> {mean['this']['peak'] / 1024:.2f} GB)", *lines])
 
 
 def main(argv: Sequence[str] | None = None) -> dict[str, Any]:

@@ -137,7 +137,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     mode.add_argument("--clm", action="store_true", help="Causal-LM objective (student: gpt2).")
     g.add_argument("--loss_chunk_size", default=None, type=int,
                    help="Tokens per chunk of the output projection and the vocabulary-sized losses, in training "
-                        "and evaluation (default: from a memory target of about 64 MB of temporaries).")
+                        "and evaluation (default: from a memory target of about 64 MB of temporaries, in whole "
+                        "blocks of 64 tokens).")
     g.add_argument("--restrict_ce_to_mask", action="store_true",
                    help="Distillation loss only on the masked positions (MLM), not every token.")
     g.add_argument("--freeze_pos_embs", action="store_true", help="Freeze the student's position embeddings.")

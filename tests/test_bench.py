@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 
+from bench_distill import batch_shapes, largest_batches
 from common.bench import abba_order, format_table, run_script
 from common.errors import UserError
 
@@ -38,3 +40,13 @@ def test_abba_order_and_table():
     assert abba_order(3) == [False, True, True, False, False, True]
     assert format_table(["name", "n"], [["a", 10], ["bb", 2]]).splitlines() == [
         "name   n", "----  --", "a     10", "bb     2"]
+
+
+def test_largest_batches_by_padded_tokens():
+    lengths = np.array([10, 30, 12, 12, 29, 5, 31, 6])
+    batches = [np.array(b) for b in ([0, 1], [2, 3], [4, 5], [6], [7])]  # padded 60, 24, 58, 31, 6
+    assert [b.tolist() for b in largest_batches(batches, lengths, 2)] == [[0, 1], [4, 5]]  # in epoch order
+    assert [b.tolist() for b in largest_batches(batches, lengths, 3)] == [[0, 1], [4, 5], [6]]
+    assert batch_shapes(batches, lengths) == {"longest": 31, "largest_padded": 60}
+    # Equal padded size: the batch with more real tokens first.
+    assert [b.tolist() for b in largest_batches([np.array([2, 7]), np.array([2, 3])], lengths, 1)] == [[2, 3]]

@@ -184,6 +184,13 @@ def test_dataset_splits_long_and_drops_short_and_unknown_heavy(word_tokenizer, t
     assert batch[1].tolist() == [cls] + ids(long_words[:13]) + [sep, pad]
     assert batch[2].tolist() == [cls] + ids(long_words[13:27]) + [sep]
     assert "split 1 longer than 16 tokens into 3 pieces" in data.describe()
+    # Items written to a file of their own come back as the same items, pieces and all, none split or dropped.
+    footer = lm.write_items(data, [2, 0, 3], str(tmp_path / "items.bin"))
+    assert footer["num_sequences"] == 3 and footer["source"]["items"] == [2, 0, 3]
+    items = lm.LmDataset(lm.TokenFile(str(tmp_path / "items.bin"), verify=True), max_len=16,
+                         unk_id=word_tokenizer.unk_token_id)
+    assert items.lengths.tolist() == [16, 15, 12] and items.stats["split_too_long"] == 0
+    assert torch.equal(items.collate([0, 1, 2], pad)[0], data.collate([2, 0, 3], pad)[0])
 
 
 # ----------------------------------------------------------------------------------------------------------

@@ -24,7 +24,7 @@ import struct
 import time
 from dataclasses import dataclass
 from itertools import chain
-from typing import Any, Callable, Iterable, Sequence
+from typing import Any, Callable, Iterable, Iterator, Sequence
 
 import numpy as np
 import torch
@@ -587,6 +587,26 @@ class LmDataset:
                 "remain")
 
 
+def write_items(data: LmDataset, indices: Sequence[int], path: str) -> dict[str, Any]:
+    """The items `indices` of `data`, in that order, as a binarized file of their own: each item whole (a piece
+    of a split sequence with the start and end tokens it was given), so that an LmDataset of the file with the
+    same max_len holds exactly these items, none split or dropped again. The footer keeps the source file's
+    tokenizer identity and names it. Returns the footer."""
+    writer = _TokenWriter(path, data.file.dtype)
+    try:
+        for i in indices:
+            ids, _ = data.collate([int(i)], 0)
+            writer.add([ids[0].tolist()])
+        source = data.file.footer
+        return writer.close({**{k: source[k] for k in ("vocab", "tokenizer", "wrap", "special_token_ids")},
+                             "source": {"items_of": os.path.abspath(data.file.path), "max_len": data.max_len,
+                                        "items": [int(i) for i in indices]},
+                             "created": time.strftime("%Y-%m-%dT%H:%M:%S")})
+    except BaseException:
+        writer.abort()
+        raise
+
+
 # ----------------------------------------------------------------------------------------------------------
 # length-grouped batches
 
@@ -663,16 +683,24 @@ class LmBatches:
         """(real, padded) tokens of every batch a whole run of `total_steps` takes over all ranks, replayed from
         the batch plan (a pure function of seed and epoch): what a resumed run reports for the whole run."""
         real = padded = 0
+        for batch in self.planned_batches(world_size, total_steps, updates_per_epoch, accumulation):
+            lengths = self.data.lengths[batch]
+            real, padded = real + int(lengths.sum()), padded + len(lengths) * int(lengths.max())
+        return real, padded
+
+    def planned_batches(self, world_size: int, total_steps: int, updates_per_epoch: int,
+                        accumulation: int) -> Iterator[np.ndarray]:
+        """Every batch (example indices) a whole run of `total_steps` takes, epoch after epoch and rank after
+        rank, replayed from the batch plan (a pure function of seed and epoch; an epoch's micro-batches that
+        fill no accumulation are left out, as the loop leaves them)."""
         epoch, steps_left = 0, total_steps
         while steps_left > 0:
             steps = min(steps_left, updates_per_epoch)
             for rank in range(world_size):
                 ctx = DistContext(device=torch.device("cpu"), rank=rank, world_size=world_size)
                 for batch in self.epoch(epoch, ctx)[: steps * accumulation]:
-                    lengths = self.data.lengths[np.asarray(batch, dtype=np.int64)]
-                    real, padded = real + int(lengths.sum()), padded + len(lengths) * int(lengths.max())
+                    yield np.asarray(batch, dtype=np.int64)
             epoch, steps_left = epoch + 1, steps_left - steps
-        return real, padded
 
     def take_counts(self) -> tuple[int, int]:
         """(real, padded) tokens batched since the last call."""
