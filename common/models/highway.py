@@ -1,25 +1,25 @@
 """DeeBERT off-ramps around a stock transformers sequence classifier, with batched early exit.
 
 The backbone is an unmodified `AutoModelForSequenceClassification` (BERT, RoBERTa, or any encoder whose
-layers sit in one `nn.ModuleList`). An off-ramp (pooler + dropout + classifier, as DeeBERT's "highway")
-reads the hidden states after each of the first L-1 layers; after layer L the stock head decides.
+layers sit in one `nn.ModuleList`). An off-ramp (DeeBERT's "highway") reads the hidden states after each of
+the first L-1 layers; after layer L the stock head decides.
 
 * Training: DeeBERT's two stages (backbone + head, then the off-ramps on the frozen backbone, all layers'
   hidden states from one stock forward with `output_hidden_states=True`), or PABEE's joint training (backbone
   and every exit at once, on the loss of exit i weighted by i). Off-ramps may also learn the final head's
   softened predictions (FastBERT's self-distillation).
-* An off-ramp pools the layer's output as DeeBERT's highway does (the first token: `first_token`) or as
-  sentence encoders are trained to be read (the mean over the real tokens: `mean`), then applies a tanh dense
-  layer and a linear classifier.
+* An off-ramp reads the layer's output as DeeBERT's highway does (`first_token`: the first token through a
+  tanh dense layer, then a linear classifier) or as sentence encoders are trained to be read (`mean`: the mean
+  over the real tokens straight into a linear classifier).
 * Early exit runs the stock forward with a pre-hook on every layer: before layer j runs, the off-ramp after
   layer j-1 scores the rows still in the batch, rows whose exit rule fires leave with those logits, and the
-  layer (and every later one) only computes the rows that stay. The rule decides on the host, in numpy, from
-  the off-ramp's [rows, classes] logits: early exit needs the answer there anyway (it decides how the batch is
-  cut), and a few numpy operations on a handful of numbers cost microseconds where each torch operator costs
-  tens, which at batch size 1 is most of what the machinery adds. No row waits for the slowest one, so early
-  exit saves compute at every batch size, not only at batch size 1 as in the original. A rule that cannot
-  fire (entropy threshold 0, patience 0 or longer than the off-ramps) runs the plain forward: no hooks, no
-  off-ramps.
+  layer (and every later one) only computes the rows that stay. No row waits for the slowest one, so early
+  exit saves compute at every batch size, not only at batch size 1 as in the original. The rule decides on
+  the host, in plain Python, from the off-ramp's logits as lists of floats: early exit needs the answer there
+  anyway (it decides how the batch is cut), and right after a layer's work at batch size 1 each torch (or
+  numpy) operator costs tens of microseconds, while the arithmetic on a handful of numbers costs a few. A
+  rule that cannot fire (entropy threshold 0, patience 0 or longer than the off-ramps) runs the plain
+  forward: no hooks, no off-ramps.
 
 The off-ramps are saved beside the stock checkpoint (`off_ramps.safetensors` + `off_ramps.json`), so the
 folder still loads in plain transformers as an ordinary classifier.
