@@ -38,7 +38,7 @@ def _op_name(func: Any) -> str:
     return func.overloadpacket.__name__.rstrip("_")
 
 
-def matmul_flops(name: str, args: tuple, out: Any) -> int:
+def matmul_flops(name: str, args: tuple) -> int:
     """Multiply-adds x 2 of one call (the products only: no bias, scaling or softmax)."""
     if name == "mm":
         (m, k), n = args[0].shape, args[1].shape[1]
@@ -73,7 +73,7 @@ class MatmulRecorder(TorchDispatchMode):
         out = func(*args, **kwargs)
         name = _op_name(func)
         if name in MATMUL_OPS:
-            self.flops += matmul_flops(name, args, out)
+            self.flops += matmul_flops(name, args)
             self.calls[(func, _frozen(args), _frozen(kwargs))] += 1
         return out
 

@@ -482,9 +482,8 @@ def compare_report(bench: dict[str, Any]) -> str:
     lines = []
     if "limit" in bench:
         lim = bench["limit"]
-        bare = {name: sum(r["tokens_per_second"] for r in lim["runs"] if r["loss"] == name)
-                / sum(r["loss"] == name for r in lim["runs"]) for name in ("chunked", "whole logits")}
-        each = {name: [r for r in lim["runs"] if r["loss"] == name] for name in bare}
+        each = {name: [r for r in lim["runs"] if r["loss"] == name] for name in ("chunked", "whole logits")}
+        bare = {name: sum(r["tokens_per_second"] for r in runs) / len(runs) for name, runs in each.items()}
         limit_rows = [[name, ", ".join(f"{r['tokens_per_second']:.0f}" for r in each[name]),
                        ", ".join(f"{r['cpu_seconds']:.0f}" for r in each[name]), f"{c['flops_per_token'] / 1e6:.0f}",
                        f"{c['gflops_per_second']:.1f}", f"{c['tokens_per_second']:.0f}",
