@@ -24,6 +24,10 @@
    --overhead_repeats passes each.
 5. Optionally (--throughput_steps > 0) stage-one training throughput with fixed and dynamic padding, ABBA.
 
+With --overhead_only it measures only the machinery's cost (the last part of 4), on --model_name_or_path itself
+with fresh off-ramps of each pooling: no training, a few minutes. The cost does not depend on what the off-ramps
+learned (their rule never fires, every off-ramp runs), so this is the figure of any model of that shape.
+
 Prints a table and writes everything, with the environment and the load, to <output_dir>/bench_results.json.
 
     python scripts/bench_glue_early_exit.py --model_name_or_path <all-MiniLM-L6-v2 folder> \\
@@ -52,6 +56,7 @@ from common.bench import (
 )
 from common.data.glue_tasks import TASKS
 from common.errors import UserError, run_cli
+from common.models.pooling import POOLINGS
 
 if not answering_help(__name__):  # -h/--help answers at once: argparse needs none of what follows
     import torch
@@ -123,6 +128,9 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
                         help="Evaluate and time the models a previous run of this bench left in --output_dir (each "
                              "model folder's fine_tune.json) instead of training them again; variants it has no "
                              "model of are trained.")
+    parser.add_argument("--overhead_only", action="store_true",
+                        help="Only measure the early-exit machinery's cost when no row exits, on "
+                             "--model_name_or_path with fresh off-ramps of each pooling (no training).")
     add_timing_lock_arg(parser)
     parser.add_argument("--throughput_steps", default=0, type=int,
                         help="Optimizer steps of each training-throughput run (0: skip those runs).")
@@ -425,6 +433,14 @@ def load_variant(args: argparse.Namespace, data_dir: str, run: dict[str, Any]) -
     return Loaded(model, chosen, {t: dev_features(args, data_dir, tokenizer, t) for t in eval_tasks(args.task_name)})
 
 
+def fresh_variant(args: argparse.Namespace, data_dir: str, pooling: str) -> Loaded:
+    """--model_name_or_path with fresh off-ramps of `pooling` (for --overhead_only: a rule that never fires)."""
+    model = EarlyExitModel.from_pretrained(args.model_name_or_path, pooling=pooling,
+                                           num_labels=glue.num_labels(args.task_name)).eval()
+    tokenizer = load_tokenizer(args.model_name_or_path, do_lower_case=args.do_lower_case)
+    return Loaded(model, NeverFires(), {args.task_name: dev_features(args, data_dir, tokenizer, args.task_name)})
+
+
 def time_variant(args: argparse.Namespace, loaded: Loaded, timed: bool) -> dict[str, Any]:
     """Per task and eval batch size: the plain model against the timed rules (all, or the chosen one alone)."""
     timed_rules = [EntropyExit(e) for e in args.timed_entropy] + [PatienceExit(p) for p in args.timed_patience]
@@ -453,6 +469,11 @@ def overhead(args: argparse.Namespace, loaded: Loaded) -> dict[str, Any]:
 # report
 
 
+def overhead_of(cfg: dict[str, Any]) -> str:
+    """The overhead table's first column: trained variants, or (--overhead_only) fresh off-ramps' pooling."""
+    return "fresh off-ramps' pooling" if cfg.get("overhead_only") else "variant"
+
+
 def _speedups(timing: dict[str, Any], rule: str) -> list[str]:
     cells = []
     for res in timing.values():
@@ -473,14 +494,18 @@ def report(bench: dict[str, Any]) -> str:
            f"{env['torch_threads']} torch thread(s), device {env['device']}",
            f"load average (1/5/15 min) before {env['load_average_1_5_15min_before']}, after "
            f"{env['load_average_1_5_15min_after']}"]
+    if cfg.get("overhead_only"):
+        out.append("--overhead_only: nothing trained; the model with fresh off-ramps, a rule that never fires")
     rows = []
-    for name, run in bench["fine_tune"].items():
+    for name, run in bench.get("fine_tune", {}).items():
         for stage, res in run["train"].items():
             if isinstance(res, dict) and "global_step" in res:
                 rows.append([name, stage, res["global_step"], f"{res['seconds']:.0f}",
                              f"{res['examples_per_second']:.1f}", f"{res['average_loss']:.4f}"])
-    out += ["", "Fine-tuning", format_table(["variant", "stage", "steps", "seconds", "examples/s", "avg loss"], rows)]
-    first = next(iter(bench["eval"].values()))
+    if rows:
+        out += ["", "Fine-tuning", format_table(["variant", "stage", "steps", "seconds", "examples/s", "avg loss"],
+                                                rows)]
+    first = next(iter(bench["eval"].values())) if bench.get("eval") else {}
     for task in first:
         acc0 = first[task]["accuracy"]
         primary, layers = acc0["primary_metric"], acc0["num_layers"]
@@ -515,7 +540,8 @@ def report(bench: dict[str, Any]) -> str:
     if bench.get("overhead"):
         out += ["", "No-exit overhead: plain model vs early exit whose rule checks every off-ramp and never fires, "
                 f"batch by batch in alternating order, {cfg['overhead_repeats']} passes each",
-                format_table(["variant", "batch", "rows", "plain s", "early exit s", "overhead", "load before/after"],
+                format_table([overhead_of(cfg), "batch", "rows", "plain s", "early exit s", "overhead",
+                              "load before/after"],
                              [[v, bs, r["rows"], f"{r['plain_seconds']:.2f}", f"{r['early_exit_seconds']:.2f}",
                                f"{100 * r['overhead']:+.1f}%", f"{r['load_before']} / {r['load_after']}"]
                               for v, per_bs in bench["overhead"].items() for bs, r in per_bs.items()])]
@@ -543,6 +569,14 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     bench = new_record("bench_glue_early_exit.py", args, argv)
     bench["data"] = write_subset(args, data_dir)  # the same rows again with --reuse_models (fixed seed)
     print(f"Wrote {bench['data']['train_rows']} train rows and the dev file(s) to {data_dir}", flush=True)
+
+    if args.overhead_only:
+        t0 = time.perf_counter()
+        fresh = [fresh_variant(args, data_dir, pooling) for pooling in POOLINGS]
+        with timing_lock(args.timing_lock):
+            bench["overhead"] = {one.model.pooling: overhead(args, one) for one in fresh}
+        wall["overhead"] = time.perf_counter() - t0
+        return write_record(out, bench, wall, start, report, load_before)
 
     t0 = time.perf_counter()
     bench["fine_tune"] = {}

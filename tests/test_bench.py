@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import pytest
 
@@ -50,3 +52,22 @@ def test_largest_batches_by_padded_tokens():
     assert batch_shapes(batches, lengths) == {"longest": 31, "largest_padded": 60}
     # Equal padded size: the batch with more real tokens first.
     assert [b.tolist() for b in largest_batches([np.array([2, 7]), np.array([2, 3])], lengths, 1)] == [[2, 3]]
+
+
+def test_glue_bench_overhead_only_times_each_pooling_on_fresh_off_ramps(tiny_bert_dir, sst2_dir, tmp_path, capsys):
+    from bench_glue_early_exit import main
+
+    out = tmp_path / "bench"
+    record = main(["--model_name_or_path", tiny_bert_dir, "--data_dir", sst2_dir, "--output_dir", str(out),
+                   "--overhead_only", "--timing_examples", "6", "--overhead_repeats", "1",
+                   "--eval_batch_sizes", "1", "4"])
+    assert set(record["overhead"]) == {"first_token", "mean"}
+    for per_batch in record["overhead"].values():
+        assert [per_batch[bs]["rows"] for bs in ("1", "4")] == [6, 6]
+        for r in per_batch.values():
+            assert r["plain_seconds"] > 0 and r["early_exit_seconds"] > 0
+            assert r["overhead"] == pytest.approx(r["early_exit_seconds"] / r["plain_seconds"] - 1)
+    assert "fine_tune" not in record and not list(out.glob("model-*"))  # nothing trained
+    assert json.loads((out / "bench_results.json").read_text())["overhead"] == record["overhead"]
+    printed = capsys.readouterr().out
+    assert "nothing trained" in printed and "fresh off-ramps' pooling" in printed
