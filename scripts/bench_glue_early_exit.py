@@ -372,15 +372,17 @@ def accuracy(args: argparse.Namespace, model: EarlyExitModel, features: dict[str
             "chosen": rule_point(task, chosen, every, labels)}
 
 
-def run_pass(model: EarlyExitModel, data: list[dict[str, torch.Tensor]], rule: ExitRule | None) -> float:
-    start = time.perf_counter()
+def run_pass(model: EarlyExitModel, data: list[dict[str, torch.Tensor]], rule: ExitRule | None
+             ) -> tuple[float, float]:
+    """Wall and CPU seconds (this process's) of `data` under `rule` (None: the plain model)."""
+    start, cpu = time.perf_counter(), time.process_time()
     with torch.no_grad():
         for b in data:
             if rule is None:
                 model.backbone(**b)  # the plain model: the stock forward, every layer
             else:
                 model.early_exit(rule, **b)
-    return time.perf_counter() - start
+    return time.perf_counter() - start, time.process_time() - cpu
 
 
 def time_rules(model: EarlyExitModel, data: list[dict[str, torch.Tensor]], rules: list[ExitRule]
@@ -395,7 +397,7 @@ def time_rules(model: EarlyExitModel, data: list[dict[str, torch.Tensor]], rules
     for batch in data:
         for rule in order:
             name = "plain" if rule is None else rule.label
-            seconds[name] = seconds.get(name, 0.0) + run_pass(model, [batch], rule)
+            seconds[name] = seconds.get(name, 0.0) + run_pass(model, [batch], rule)[0]
     plain = seconds.pop("plain")
     return {"plain_seconds": plain, "rules": [{"rule": r.label, "seconds": seconds[r.label],
                                                "speedup": plain / seconds[r.label]} for r in rules]}
@@ -404,17 +406,22 @@ def time_rules(model: EarlyExitModel, data: list[dict[str, torch.Tensor]], rules
 def time_overhead(model: EarlyExitModel, data: list[dict[str, torch.Tensor]], repeats: int) -> dict[str, Any]:
     """The plain model (A) against early exit whose rule never fires (B), after a warm-up: each batch twice in a
     row, A B on even batches and B A on odd ones (the order flipped again every repeat), so drift in the
-    machine's speed, which over a whole pass is as large as the few percent measured, hits both alike."""
+    machine's speed, which over a whole pass is as large as the few percent measured, hits both alike. Also in
+    CPU seconds of this process (with one torch thread, not counting the time other processes held the core)."""
     rule = NeverFires()
     run_pass(model, data[:2], None)
     run_pass(model, data[:2], rule)
-    seconds = {False: 0.0, True: 0.0}
+    wall, cpu = {False: 0.0, True: 0.0}, {False: 0.0, True: 0.0}
     for repeat in range(repeats):
         for i, batch in enumerate(data):
             for machinery in ((False, True) if (i + repeat) % 2 == 0 else (True, False)):
-                seconds[machinery] += run_pass(model, [batch], rule if machinery else None)
-    return {"plain_seconds": seconds[False], "early_exit_seconds": seconds[True],
-            "overhead": seconds[True] / seconds[False] - 1.0, "passes_each": repeats}
+                w, c = run_pass(model, [batch], rule if machinery else None)
+                wall[machinery] += w
+                cpu[machinery] += c
+    return {"plain_seconds": wall[False], "early_exit_seconds": wall[True],
+            "overhead": wall[True] / wall[False] - 1.0, "plain_cpu_seconds": cpu[False],
+            "early_exit_cpu_seconds": cpu[True], "cpu_overhead": cpu[True] / cpu[False] - 1.0,
+            "passes_each": repeats}
 
 
 @dataclass
@@ -541,9 +548,10 @@ def report(bench: dict[str, Any]) -> str:
         out += ["", "No-exit overhead: plain model vs early exit whose rule checks every off-ramp and never fires, "
                 f"batch by batch in alternating order, {cfg['overhead_repeats']} passes each",
                 format_table([overhead_of(cfg), "batch", "rows", "plain s", "early exit s", "overhead",
-                              "load before/after"],
+                              "overhead in CPU s", "load before/after"],
                              [[v, bs, r["rows"], f"{r['plain_seconds']:.2f}", f"{r['early_exit_seconds']:.2f}",
-                               f"{100 * r['overhead']:+.1f}%", f"{r['load_before']} / {r['load_after']}"]
+                               f"{100 * r['overhead']:+.1f}%", f"{100 * r['cpu_overhead']:+.1f}%",
+                               f"{r['load_before']} / {r['load_after']}"]
                               for v, per_bs in bench["overhead"].items() for bs, r in per_bs.items()])]
     if bench.get("throughput"):
         base = bench["throughput"][0]["stage1"]["examples_per_second"]

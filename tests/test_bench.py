@@ -67,6 +67,7 @@ def test_glue_bench_overhead_only_times_each_pooling_on_fresh_off_ramps(tiny_ber
         for r in per_batch.values():
             assert r["plain_seconds"] > 0 and r["early_exit_seconds"] > 0
             assert r["overhead"] == pytest.approx(r["early_exit_seconds"] / r["plain_seconds"] - 1)
+            assert r["cpu_overhead"] == pytest.approx(r["early_exit_cpu_seconds"] / r["plain_cpu_seconds"] - 1)
     assert "fine_tune" not in record and not list(out.glob("model-*"))  # nothing trained
     assert json.loads((out / "bench_results.json").read_text())["overhead"] == record["overhead"]
     printed = capsys.readouterr().out
