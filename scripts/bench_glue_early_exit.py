@@ -497,7 +497,8 @@ def report(bench: dict[str, Any]) -> str:
            + ", ".join(f"{t} {n}" for t, n in data["dev_rows"].items())
            + f", max_seq_length {cfg['max_seq_length']}, {cfg['num_train_epochs']:g} epoch(s) per stage, "
            f"lr {cfg['learning_rate']:g}, train batch {cfg['train_batch_size']}",
-           f"torch {env['torch']}, transformers {env['transformers']}, {env['cpu_count']} CPU(s), "
+           f"torch {env['torch']}, transformers {env['transformers']}, {env['cpu_count']} CPU(s) ({env['cpu_model']}, "
+           f"{env['cpu_capability']}), "
            f"{env['torch_threads']} torch thread(s), device {env['device']}",
            f"load average (1/5/15 min) before {env['load_average_1_5_15min_before']}, after "
            f"{env['load_average_1_5_15min_after']}"]
