@@ -4,9 +4,10 @@ glibc serves an allocation at or above the threshold with a fresh mmap and hands
 freed. By default the threshold is dynamic: each free of an mmapped block raises it to that block's size (up to
 32 MiB), so that later blocks of that size come from the heap, where a freed block stays resident while anything
 above it is live. A training loop over many batch shapes thus grows its resident memory all epoch (distill.py at
-the settings of issue #10: 2.35 GB at the epoch's end under the default, 2.14 GB with an 8 MiB threshold, 1.66 GB
-with 1 MiB). Setting the threshold with mallopt fixes it (and turns the dynamic adjustment off), as the
-environment variable does.
+the settings of issue #10, whole epochs: 2.21-2.38 GiB at the epoch's end under the default, 2.08-2.09 with a 4 MiB
+threshold, 1.55-1.58 with 1 MiB, each fixed threshold paying in page faults; README.md, distillation bench).
+Setting the threshold with mallopt fixes it (and turns the dynamic adjustment off), as the environment variable
+does.
 """
 
 from __future__ import annotations

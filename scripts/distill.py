@@ -77,7 +77,9 @@ ADAM_BETAS = (0.9, 0.98)  # the original distiller's AdamW betas
 EVAL_MASK_PROP = 0.15
 EVAL_SEED = 1234  # evaluation masks depend only on this and each example, so every run scores the same positions
 STAGE = "checkpoint"
-MMAP_THRESHOLD = 2**20  # --malloc_mmap_threshold: measured in README.md (distillation bench)
+# --malloc_mmap_threshold: whole epochs at the settings end at 2.08-2.09 GiB with 4 MiB, under the 2.25 goal
+# that glibc's dynamic default misses (2.21-2.38), for fewer page faults than 1 MiB (1.55-1.58 GiB); README.md.
+MMAP_THRESHOLD = 4 * 2**20
 
 # The built-in demo: a 6-layer BERT teacher, first trained briefly on the built-in corpus (masked LM), distilled
 # into a 3-layer DistilBERT initialized from teacher layers 0, 2 and 5. These replace the defaults only for flags
