@@ -44,6 +44,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shlex
 import subprocess
 import sys
 import tempfile
@@ -51,7 +52,10 @@ import time
 from typing import Any, Callable, Sequence
 
 from common.args import answering_help
-from common.bench import abba_order, bench_parser, format_table, load_average, new_record, run_script, write_record
+from common.bench import (
+    abba_order, add_timing_lock_arg, bench_parser, format_table, load_average, new_record, run_script, timing_lock,
+    write_record,
+)
 from common.errors import RESULTS_ENV, UserError, run_cli
 
 if not answering_help(__name__):  # -h/--help answers at once: argparse needs none of what follows
@@ -98,7 +102,11 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--compare_with", default=None,
                         help="Another checkout of this project (e.g. the commit before): measure its distill.py "
                              "against this one's at the original train.py settings, instead of the default bench.")
-    parser.add_argument("--compare_steps", default=10, type=int, help="Optimizer steps of each compared run.")
+    parser.add_argument("--compare_steps", default=10, type=int,
+                        help="Optimizer steps of each compared run (60: the whole epoch of the default 3,000 lines).")
+    parser.add_argument("--this_flags", default="",
+                        help="More distill.py flags for this checkout's runs only, as one string (e.g. "
+                             "\"--malloc_mmap_threshold 0\" with --compare_with this same checkout).")
     parser.add_argument("--compare_lines", default=3000, type=int, help="Lines of wiki.valid.raw to train on.")
     parser.add_argument("--compare_repeats", default=2, type=int,
                         help="Runs of each side, in ABBA order (2: A B B A).")
@@ -111,6 +119,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
                              "with the most padded tokens (those at its end that fill no accumulation included): the "
                              "peak memory of the epoch's largest batches in a few steps (a whole epoch's is higher: "
                              "the allocator keeps memory from its many batch shapes; 0: the data from its start).")
+    add_timing_lock_arg(parser)
     args = parser.parse_args(argv)
     problems = [f"--{name} must be at least 1" for name in ("repeat", "distill_steps", "batch_size", "eval_lines",
                                                             "head_batch_size", "compare_steps", "compare_lines",
@@ -241,7 +250,8 @@ def report(bench: dict[str, Any]) -> str:
 
 def run_measured(checkout: str, argv: Sequence[str], threads: int) -> dict[str, Any]:
     """`checkout`'s scripts/distill.py in a fresh process (its own `common` first on the path): what its main()
-    returned, the process's wall seconds, CPU seconds and peak resident memory (wait4: this child alone)."""
+    returned, the process's wall seconds, CPU seconds, peak resident memory and minor page faults (wait4: this
+    child alone)."""
     with tempfile.TemporaryDirectory(prefix="bench-") as tmp:
         results_file = os.path.join(tmp, "results.json")
         env = {**os.environ, "PYTHONPATH": checkout, "OMP_NUM_THREADS": str(threads), "TRANSFORMERS_VERBOSITY":
@@ -259,7 +269,7 @@ def run_measured(checkout: str, argv: Sequence[str], threads: int) -> dict[str, 
             results = json.load(f)
     peak_kb = usage.ru_maxrss / (1024 if sys.platform == "darwin" else 1)
     return {"train": results["train"], "process_seconds": seconds, "cpu_seconds": usage.ru_utime + usage.ru_stime,
-            "peak_rss_mb": peak_kb / 1024}
+            "system_cpu_seconds": usage.ru_stime, "peak_rss_mb": peak_kb / 1024, "minor_page_faults": usage.ru_minflt}
 
 
 def planned_micro_batches(data: Any, tokenizer: Any, max_len: int, steps: int | None, batch_size: int,
@@ -340,19 +350,25 @@ def compare(args: argparse.Namespace, start: float) -> dict[str, Any]:
     sides = {"before": os.path.abspath(args.compare_with), "this": ROOT}
     t0 = time.perf_counter()
     bench["compare"] = []
+    extra = {"before": [], "this": shlex.split(args.this_flags)}
     for i, this in enumerate(abba_order(args.compare_repeats)):
         name = "this" if this else "before"
-        result = run_measured(sides[name], argv + ["--output_dir", os.path.join(out, f"run-{i}-{name}")],
-                              args.compare_threads)
-        bench["compare"].append({"side": name, "checkout": sides[name], **result})
+        with timing_lock(args.timing_lock):  # one hold per run: other benchmarks may time between them
+            load_start = load_average()
+            result = run_measured(sides[name], [*argv, *extra[name], "--output_dir",
+                                                os.path.join(out, f"run-{i}-{name}")], args.compare_threads)
+        bench["compare"].append({"side": name, "checkout": sides[name], "flags": extra[name],
+                                 "load_start": load_start, "load_end": load_average(), **result})
         t = result["train"]
         print(f"{name}: {t['tokens_this_run']} tokens, {t['tokens_per_second']:.0f} tokens/s, "
-              f"{result['cpu_seconds']:.0f} CPU seconds, peak {result['peak_rss_mb']:.0f} MB (load "
-              f"{load_average()})", flush=True)
+              f"{result['cpu_seconds']:.0f} CPU seconds, peak {result['peak_rss_mb']:.0f} MB, "
+              f"{result['minor_page_faults']} minor page faults (load {load_start} at the start, "
+              f"{load_average()} at the end)", flush=True)
     wall["compare"] = time.perf_counter() - t0
     if args.compare_limit:
         t0 = time.perf_counter()
-        bench["limit"] = limit(argv, out, args.compare_threads, args.compare_repeats)
+        with timing_lock(args.timing_lock):
+            bench["limit"] = limit(argv, out, args.compare_threads, args.compare_repeats)
         wall["limit"] = time.perf_counter() - t0
     tokens = {r["train"]["tokens_this_run"] for r in bench["compare"]}
     if len(tokens) != 1:
@@ -473,7 +489,8 @@ def compare_report(bench: dict[str, Any]) -> str:
                                 ("cpu", lambda r: r["cpu_seconds"]), ("peak", lambda r: r["peak_rss_mb"]))}
             for side in ("before", "this")}
     rows = [[r["side"], r["train"]["tokens_this_run"], f"{r['train']['seconds']:.1f}",
-             f"{r['train']['tokens_per_second']:.0f}", f"{r['cpu_seconds']:.0f}", f"{r['peak_rss_mb'] / 1024:.2f} GB"]
+             f"{r['train']['tokens_per_second']:.0f}", f"{r['cpu_seconds']:.0f}", f"{r['peak_rss_mb'] / 1024:.2f} GB",
+             r.get("minor_page_faults", "-"), " ".join(str(x) for x in r.get("load_start") or [])]
             for r in runs]
     env = bench["environment"]
     trained_on = (f"the {b['sequences_trained_on']} sequences of the epoch's {cfg['compare_largest']} largest "
@@ -502,7 +519,9 @@ def compare_report(bench: dict[str, Any]) -> str:
         f"before: {cfg['compare_with']}; this: {ROOT}. Measured micro-batches: longest sequence {m['longest']} "
         f"tokens, largest {m['largest_padded']} padded tokens (the epoch's: {e['longest']}, {e['largest_padded']}; in "
         f"the micro-batches a one-epoch run trains: {et['longest']}, {et['largest_padded']}).",
-        format_table(["side", "tokens", "train seconds", "tokens/s", "process CPU seconds", "peak resident"], rows),
+        f"this side's extra flags: {cfg['this_flags']}" if cfg.get("this_flags") else "this side: no extra flags",
+        format_table(["side", "tokens", "train seconds", "tokens/s", "process CPU seconds", "peak resident",
+                      "minor page faults", "load at start"], rows),
         f"this / before: {mean['this']['tps'] / mean['before']['tps']:.2f}x the tokens/s, "
         f"{mean['before']['cpu'] / mean['this']['cpu']:.2f}x fewer CPU seconds (whole process), "
         f"{mean['this']['peak'] / mean['before']['peak']:.2f}x the peak memory "

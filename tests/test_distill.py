@@ -21,6 +21,7 @@ import binarize_data
 import distill
 import extract_student
 import token_counts
+from common import glibc_malloc
 from common.builtin import distill as builtin_distill
 from common.errors import UserError, run_cli
 from common.models.student import DISTILBERT_LAYER, extract, load_teacher
@@ -198,6 +199,8 @@ def test_cli_end_to_end_writes_every_output(mlm_setup, tmp_path):
     assert results["train"]["global_step"] == 14 and results["max_model_input_size"] == 32
     assert results["data"]["split_too_long"] > 0 and results["data"]["removed_too_short"] >= 1
     assert results["frozen"] == ["distilbert.embeddings.position_embeddings.weight"]
+    fixed = glibc_malloc._glibc() is not None and not os.environ.get(glibc_malloc.ENV_VAR)
+    assert results["malloc_mmap_threshold"] == (distill.MMAP_THRESHOLD if fixed else None)
     ev = json.loads((out / "eval_results.json").read_text())
     assert ev["objective"] == "mlm" and ev["sequences"] == 40
     assert ev["teacher"]["predicted_tokens"] == ev["student"]["predicted_tokens"] > 0
@@ -344,6 +347,7 @@ def gpt2_student(tiny_gpt2_dir, tmp_path_factory) -> str:
     ("only_data", "give both --data_file and --teacher_name"),
     ("bad_word_shares", "must be >= 0 and sum to 1"),
     ("zero_chunk", "--loss_chunk_size must be at least 1"),
+    ("negative_mmap_threshold", "--malloc_mmap_threshold must lie in \\[0, 33554432\\] bytes"),
     ("cos_with_other_width", "--alpha_cos compares hidden states"),
 ])
 def test_bad_inputs(case, pattern, mlm_setup, gpt2_student, tiny_gpt2_dir, lm_corpus_dir, tmp_path):
@@ -376,6 +380,8 @@ def test_bad_inputs(case, pattern, mlm_setup, gpt2_student, tiny_gpt2_dir, lm_co
         argv = base + ["--word_mask", "0.5"]
     elif case == "zero_chunk":
         argv = base + ["--loss_chunk_size", "0"]
+    elif case == "negative_mmap_threshold":
+        argv = base + ["--malloc_mmap_threshold", "-1"]
     else:
         config = json.loads((Path(mlm_setup["student"]) / "config.json").read_text())
         config.update(dim=16, hidden_dim=32)
