@@ -127,6 +127,10 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
                 if getattr(args, name) < 1]
     if args.compare_largest < 0:
         problems.append("--compare_largest cannot be negative")
+    compare_only = [f"--{name}" for name in ("compare_limit", "compare_largest", "this_flags") if getattr(args, name)]
+    if compare_only and args.compare_with is None:
+        problems.append(f"{', '.join(compare_only)} only mean something with --compare_with <checkout> (the side by "
+                        "side run they change); without it the bench runs its default measurements")
     if args.compare_with is not None and not os.path.isfile(os.path.join(args.compare_with, "scripts", "distill.py")):
         problems.append(f"--compare_with {args.compare_with}: no scripts/distill.py there (give a checkout of this "
                         "project)")

@@ -72,3 +72,10 @@ def test_glue_bench_overhead_only_times_each_pooling_on_fresh_off_ramps(tiny_ber
     assert json.loads((out / "bench_results.json").read_text())["overhead"] == record["overhead"]
     printed = capsys.readouterr().out
     assert "nothing trained" in printed and "fresh off-ramps' pooling" in printed
+
+
+def test_distill_bench_refuses_comparison_flags_without_a_comparison(tmp_path):
+    from bench_distill import parse_args
+
+    with pytest.raises(UserError, match="--compare_limit only mean something with --compare_with"):
+        parse_args(["--model_name_or_path", "m", "--data_dir", str(tmp_path), "--compare_limit"])
