@@ -494,7 +494,7 @@ def compare_report(bench: dict[str, Any]) -> str:
             for side in ("before", "this")}
     rows = [[r["side"], r["train"]["tokens_this_run"], f"{r['train']['seconds']:.1f}",
              f"{r['train']['tokens_per_second']:.0f}", f"{r['cpu_seconds']:.0f}", f"{r['peak_rss_mb'] / 1024:.2f} GB",
-             r.get("minor_page_faults", "-"), " ".join(str(x) for x in r.get("load_start") or [])]
+             r["minor_page_faults"], " ".join(str(x) for x in r["load_start"])]
             for r in runs]
     env = bench["environment"]
     trained_on = (f"the {b['sequences_trained_on']} sequences of the epoch's {cfg['compare_largest']} largest "

@@ -5,6 +5,8 @@ divide the token count."""
 
 from __future__ import annotations
 
+import copy
+
 import pytest
 import torch
 from transformers import (
@@ -87,10 +89,9 @@ def soft_ce_scale(losses: distill.Losses, teacher: torch.nn.Module, student: tor
     fp32 rounding errs in proportion to this, not to the KL, which can be a thousand times smaller."""
     ids, attention, labels = batch["input_ids"], batch["attention_mask"], batch["labels"]
     mask = (labels != -100) if losses.restrict_ce_to_mask else attention.bool()
-    with torch.no_grad():
-        s = student.double()(input_ids=ids, attention_mask=attention).logits[mask] / losses.temperature
-        t = teacher.double()(input_ids=ids, attention_mask=attention).logits[mask] / losses.temperature
-    student.float(), teacher.float()
+    with torch.no_grad():  # float64 copies: the models under test stay as they are
+        s = copy.deepcopy(student).double()(input_ids=ids, attention_mask=attention).logits[mask] / losses.temperature
+        t = copy.deepcopy(teacher).double()(input_ids=ids, attention_mask=attention).logits[mask] / losses.temperature
     cross = (t.softmax(-1) * s.log_softmax(-1).abs()).sum(-1).mean()
     return float(cross) * losses.temperature ** 2
 
