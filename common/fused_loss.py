@@ -93,6 +93,23 @@ def lm_targets(labels: torch.Tensor, causal: bool) -> torch.Tensor:
     return labels.reshape(-1)
 
 
+# The chunk workspace, kept from one call to the next (one per device): a fresh one this large would be mapped and
+# faulted in afresh on every call by glibc's allocator under a fixed mmap threshold. Taken out while in use, so two
+# calls at once (another thread) never share one.
+_workspaces: dict[torch.device, torch.Tensor] = {}
+
+
+def _take_workspace(numel: int, device: torch.device) -> torch.Tensor:
+    """A flat float32 buffer of at least `numel` elements: the kept one when it is large enough. Hand it back with
+    `_keep_workspace`."""
+    buf = _workspaces.pop(device, None)
+    return buf if buf is not None and buf.numel() >= numel else torch.empty(numel, device=device)
+
+
+def _keep_workspace(buf: torch.Tensor) -> None:
+    _workspaces[buf.device] = buf
+
+
 def _logits(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, out: torch.Tensor,
             scale: float = 1.0) -> None:
     """out = (hidden @ weight.T + bias) * scale, made in `out`'s row-major layout by one product. (Made as
@@ -138,10 +155,11 @@ class FusedDistillationLoss(torch.autograd.Function):
             tw = teacher_weight.float()
             tb = teacher_bias.float() if teacher_bias is not None else None
             t_scale = 1.0 / T if weights.ce > 0 and weights.mse == 0 else 1.0
-        # One workspace of chunk x vocabulary buffers, reused by every chunk: fresh allocations this large would
-        # each cost their page faults.
+        # One workspace of chunk x vocabulary buffers, reused by every chunk and kept for the next call.
         rows_max = min(chunk, n)
-        z_buf, t_buf, a_buf, b_buf = (torch.empty(rows_max, vocab, device=dev) for _ in range(4))
+        workspace = _take_workspace(TENSORS_PER_ROW * rows_max * vocab, dev)
+        z_buf, t_buf, a_buf, b_buf = workspace[:TENSORS_PER_ROW * rows_max * vocab].view(TENSORS_PER_ROW, rows_max,
+                                                                                         vocab)
         for start in range(0, n, chunk):
             end = min(start + chunk, n)
             h = h_all[start:end]
@@ -180,6 +198,7 @@ class FusedDistillationLoss(torch.autograd.Function):
                     grad_w.addmm_(grad.t(), h, beta=float(start > 0))  # beta 0: the empty start is ignored
                 if want_b:
                     grad_b.add_(grad.sum(0))
+        _keep_workspace(workspace)
         total = weights.ce * sums[0] + weights.lm * sums[1] + weights.mse * sums[2]
         ctx.save_for_backward(
             grad_h.to(hidden.dtype) if grad_h is not None else None,
@@ -233,7 +252,8 @@ def token_nll(hidden: torch.Tensor, projection: nn.Linear, targets: torch.Tensor
     bias = None if projection.bias is None else projection.bias.detach().float()
     chunk = chunk_rows(weight.shape[0], chunk_size)
     rows = min(chunk, h.shape[0])
-    z_buf = torch.empty(rows, weight.shape[0], device=h.device)
+    workspace = _take_workspace(rows * weight.shape[0], h.device)
+    z_buf = workspace[:rows * weight.shape[0]].view(rows, weight.shape[0])
     out = torch.zeros(h.shape[0], device=h.device)
     with torch.no_grad():
         for start in range(0, h.shape[0], chunk):
@@ -243,4 +263,5 @@ def token_nll(hidden: torch.Tensor, projection: nn.Linear, targets: torch.Tensor
             log_s = torch._log_softmax(z, -1, False, out=z)
             tg = flat[start:end]
             out[start:end] = -log_s.gather(-1, tg.clamp_min(0)[:, None])[:, 0] * (tg != -100)
+    _keep_workspace(workspace)
     return out.view(targets.shape)

@@ -106,7 +106,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
                         help="Optimizer steps of each compared run (60: the whole epoch of the default 3,000 lines).")
     parser.add_argument("--this_flags", default="",
                         help="More distill.py flags for this checkout's runs only, as one string (e.g. "
-                             "\"--malloc_mmap_threshold 0\" with --compare_with this same checkout).")
+                             "\"--malloc_hold_mb 0\" with --compare_with this same checkout).")
     parser.add_argument("--compare_lines", default=3000, type=int, help="Lines of wiki.valid.raw to train on.")
     parser.add_argument("--compare_repeats", default=2, type=int,
                         help="Runs of each side, in ABBA order (2: A B B A).")

@@ -42,7 +42,8 @@ from common.args import (
     check_precision_flags, check_training_args, parse_with_builtin_defaults, raise_if_problems, script_parser,
 )
 from common.errors import UserError, run_cli
-from common.glibc_malloc import ENV_VAR as MMAP_ENV_VAR, fix_mmap_threshold, threshold_problems
+from common.glibc_malloc import (ENV_VAR as MMAP_ENV_VAR, HeldMemory, fix_mmap_threshold, held_freed_memory,
+                                 threshold_problems)
 from common.models.families import CAUSAL_TYPES, FAMILY, STUDENT_TYPES, TEACHER_TYPES
 
 if not answering_help(__name__):  # -h/--help answers at once: argparse needs none of what follows
@@ -77,8 +78,13 @@ ADAM_BETAS = (0.9, 0.98)  # the original distiller's AdamW betas
 EVAL_MASK_PROP = 0.15
 EVAL_SEED = 1234  # evaluation masks depend only on this and each example, so every run scores the same positions
 STAGE = "checkpoint"
-# --malloc_mmap_threshold: whole epochs at the issue's settings end at 2.08-2.09 GiB with 4 MiB, under the 2.25 goal
-# that glibc's dynamic default misses (2.21-2.38), for fewer page faults than 1 MiB (1.55-1.58 GiB); README.md.
+# --malloc_hold_mb: freed memory held for reuse up to this much over the settled start of training. Whole epochs at
+# issue #10's settings (2 threads, Xeon; baseline 850 MB): 512 peaked at 1.71 GB but handed memory back 96 times
+# (13.5 M page faults), 768 at 1.79 GB with 29 (6.0 M), 1024 at 2.01 GB with 17 (4.9 M), all within 3% of one
+# another's speed; holding everything, 2.61 GB. README.md, distillation bench.
+HOLD_MB = 768
+# --malloc_mmap_threshold, when nothing is held: whole epochs at the issue's settings end at 2.08-2.09 GiB with
+# 4 MiB, under the 2.25 goal that glibc's dynamic default misses (2.21-2.38), for fewer page faults than 1 MiB.
 MMAP_THRESHOLD = 4 * 2**20
 
 # The built-in demo: a 6-layer BERT teacher, first trained briefly on the built-in corpus (masked LM), distilled
@@ -143,10 +149,17 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
                    help="Tokens per chunk of the output projection and the vocabulary-sized losses, in training "
                         "and evaluation (default: from a memory target of about 64 MB of temporaries, in whole "
                         "blocks of 64 tokens).")
-    g.add_argument("--malloc_mmap_threshold", default=MMAP_THRESHOLD, type=int, metavar="BYTES",
-                   help="Fix glibc's mmap threshold at this many bytes (0: glibc's dynamic default, which keeps "
-                        "freed blocks of many batch shapes resident and grows memory all epoch). The environment "
-                        f"variable {MMAP_ENV_VAR}, when set, wins over this flag. No effect off glibc.")
+    g.add_argument("--malloc_hold_mb", default=HOLD_MB, type=int, metavar="MIB",
+                   help="glibc: keep the memory the run frees for reuse instead of handing it back to the system "
+                        "(which costs page faults on every micro-batch), until resident memory has grown this many "
+                        "MiB over what it was when training started; then, at the next micro-batch, hand the free "
+                        "memory back. 0: glibc hands memory back itself (--malloc_mmap_threshold). No effect off "
+                        "glibc, or when glibc's malloc is set through the environment.")
+    g.add_argument("--malloc_mmap_threshold", default=None, type=int, metavar="BYTES",
+                   help=f"With --malloc_hold_mb 0: fix glibc's mmap threshold at this many bytes (default "
+                        f"{MMAP_THRESHOLD}; 0: glibc's dynamic default, which keeps freed blocks of many batch shapes "
+                        f"resident and grows memory all epoch). The environment variable {MMAP_ENV_VAR}, when set, "
+                        "wins over this flag.")
     g.add_argument("--restrict_ce_to_mask", action="store_true",
                    help="Distillation loss only on the masked positions (MLM), not every token.")
     g.add_argument("--freeze_pos_embs", action="store_true", help="Freeze the student's position embeddings.")
@@ -253,7 +266,13 @@ def flag_problems(args: argparse.Namespace, ctx: DistContext) -> list[str]:
             problems.append(f"--{name} must be >= 0 (got {value})")
     if args.loss_chunk_size is not None and args.loss_chunk_size < 1:
         problems.append(f"--loss_chunk_size must be at least 1 (got {args.loss_chunk_size})")
-    problems += threshold_problems(args.malloc_mmap_threshold, "--malloc_mmap_threshold")
+    if args.malloc_hold_mb < 0:
+        problems.append(f"--malloc_hold_mb cannot be negative (got {args.malloc_hold_mb}; 0: hold nothing)")
+    if args.malloc_mmap_threshold is not None:
+        problems += threshold_problems(args.malloc_mmap_threshold, "--malloc_mmap_threshold")
+        if args.malloc_hold_mb > 0:
+            problems.append("--malloc_mmap_threshold only applies with --malloc_hold_mb 0 (memory held for reuse "
+                            "never goes through glibc's mmap)")
     if not args.temperature > 0:
         problems.append(f"--temperature must be positive (got {args.temperature})")
     if not 0 < args.mlm_mask_prop <= 1:
@@ -578,13 +597,16 @@ class DistillStep:
     torch.inference_mode, and returns the loss mix with each term (tensors: the loop averages them over the
     logging window, with no host sync per micro-batch)."""
 
-    def __init__(self, run: Run, teacher: nn.Module, chunk_size: int | None = None) -> None:
-        self.run, self.teacher, self.chunk_size = run, teacher, chunk_size
+    def __init__(self, run: Run, teacher: nn.Module, chunk_size: int | None = None,
+                 memory: HeldMemory | None = None) -> None:
+        self.run, self.teacher, self.chunk_size, self.memory = run, teacher, chunk_size, memory
         self.hidden = run.losses.alpha_cos > 0
         self.needs_teacher = run.losses.alpha_ce > 0 or run.losses.alpha_mse > 0 or self.hidden
 
     def __call__(self, model: nn.Module, batch: dict[str, torch.Tensor], state: Any
                  ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        if self.memory is not None:  # a micro-batch boundary: the last one's memory is all free
+            self.memory.check(settled=state.global_step > 0)
         inputs, attention_mask = batch["input_ids"], batch["attention_mask"]
         with projection_removed(model) as projection:
             student = model(input_ids=inputs, attention_mask=attention_mask, output_hidden_states=self.hidden)
@@ -644,7 +666,7 @@ class Throughput:
 
 def distill(ctx: DistContext, args: argparse.Namespace, run: Run, student: nn.Module, teacher: nn.Module,
             tokenizer: Any, data: lm.LmDataset, token_probs: torch.Tensor | None, max_len: int,
-            writer: Any) -> dict[str, Any]:
+            writer: Any, memory: HeldMemory | None = None) -> dict[str, Any]:
     """Train the student on the shared loop, with length-grouped batches unless --no_group_by_size."""
     batches = batch_source(args, run, data, tokenizer, teacher.config.vocab_size, token_probs, max_len, ctx.device)
 
@@ -658,7 +680,7 @@ def distill(ctx: DistContext, args: argparse.Namespace, run: Run, student: nn.Mo
                 run.student_type, count_parameters(student) / 1e6,
                 sum(p.numel() for p in student.parameters() if p.requires_grad) / 1e6, run.teacher_type,
                 count_parameters(teacher) / 1e6)
-    stage = Stage(STAGE, DistillStep(run, teacher, args.loss_chunk_size),
+    stage = Stage(STAGE, DistillStep(run, teacher, args.loss_chunk_size, memory),
                   lambda: param_groups(student.named_parameters(), args.learning_rate, args.weight_decay),
                   on_log=Throughput(ctx, batches))
     (result,) = train(ctx, cfg, student, [stage], batches, save, tb_writer=writer, resume_from=run.resume)
@@ -818,9 +840,11 @@ tokenizer = AutoTokenizer.from_pretrained("{run.output_dir}")""")
 
 def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     args = parse_args(argv)
-    with script_context(args, argv, resolve_run) as (session, run):
+    with (script_context(args, argv, resolve_run) as (session, run),
+          held_freed_memory(args.malloc_hold_mb * 2**20) as memory):  # before the models and data are made
         ctx = session.ctx
-        mmap_threshold = fix_mmap_threshold(args.malloc_mmap_threshold)  # before the models and data are made
+        mmap_threshold = None if memory is not None else fix_mmap_threshold(
+            MMAP_THRESHOLD if args.malloc_mmap_threshold is None else args.malloc_mmap_threshold)
         tokenizer = load_tokenizer(run.tokenizer_path, args.cache_dir)
         teacher = load_teacher(run.teacher_path, run.teacher_type, args.cache_dir).to(ctx.device)
         teacher.eval().requires_grad_(False)
@@ -841,7 +865,8 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
                                    "max_model_input_size": max_len, "frozen": frozen, "data": data.stats,
                                    "malloc_mmap_threshold": mmap_threshold}
         results["train"] = distill(ctx, args, run, student, teacher, tokenizer, data, token_probs, max_len,
-                                   session.writer())
+                                   session.writer(), memory)
+        results["malloc_held"] = memory.summary() if memory is not None else None
         if run.eval_file:
             results["eval"] = evaluate(ctx, args, run, student, teacher, tokenizer, max_len)
             e = results["eval"]

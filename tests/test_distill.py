@@ -199,8 +199,13 @@ def test_cli_end_to_end_writes_every_output(mlm_setup, tmp_path):
     assert results["train"]["global_step"] == 14 and results["max_model_input_size"] == 32
     assert results["data"]["split_too_long"] > 0 and results["data"]["removed_too_short"] >= 1
     assert results["frozen"] == ["distilbert.embeddings.position_embeddings.weight"]
-    fixed = glibc_malloc._glibc() is not None and not os.environ.get(glibc_malloc.ENV_VAR)
-    assert results["malloc_mmap_threshold"] == (distill.MMAP_THRESHOLD if fixed else None)
+    glibc = glibc_malloc._glibc() is not None and os.path.exists("/proc/self/statm")
+    held = glibc and not any(os.environ.get(name) for name in (*glibc_malloc.HOLD_ENV_VARS, "GLIBC_TUNABLES"))
+    if held:  # freed memory held for reuse (the default), its baseline taken once the first step settled it
+        assert results["malloc_held"]["limit_mb"] == distill.HOLD_MB and results["malloc_held"]["baseline_mb"] > 0
+        assert results["malloc_mmap_threshold"] is None
+    else:
+        assert results["malloc_held"] is None
     ev = json.loads((out / "eval_results.json").read_text())
     assert ev["objective"] == "mlm" and ev["sequences"] == 40
     assert ev["teacher"]["predicted_tokens"] == ev["student"]["predicted_tokens"] > 0
@@ -229,7 +234,7 @@ def test_twenty_steps_end_at_the_weights_of_the_whole_logits_loss(mlm_setup, tmp
               "--alpha_cos", "1", "--loss_chunk_size", "7"]
     distill.main(mlm_args(mlm_setup, tmp_path / "chunked", *common))
 
-    def whole_logits_step(run, teacher, chunk):
+    def whole_logits_step(run, teacher, chunk, memory):
         return reference_step(run.losses, run.causal, teacher)
 
     monkeypatch.setattr(distill, "DistillStep", whole_logits_step)
@@ -348,6 +353,8 @@ def gpt2_student(tiny_gpt2_dir, tmp_path_factory) -> str:
     ("bad_word_shares", "must be >= 0 and sum to 1"),
     ("zero_chunk", "--loss_chunk_size must be at least 1"),
     ("negative_mmap_threshold", "--malloc_mmap_threshold must lie in \\[0, 33554432\\] bytes"),
+    ("negative_hold", "--malloc_hold_mb cannot be negative"),
+    ("threshold_while_holding", "--malloc_mmap_threshold only applies with --malloc_hold_mb 0"),
     ("cos_with_other_width", "--alpha_cos compares hidden states"),
 ])
 def test_bad_inputs(case, pattern, mlm_setup, gpt2_student, tiny_gpt2_dir, lm_corpus_dir, tmp_path):
@@ -381,7 +388,11 @@ def test_bad_inputs(case, pattern, mlm_setup, gpt2_student, tiny_gpt2_dir, lm_co
     elif case == "zero_chunk":
         argv = base + ["--loss_chunk_size", "0"]
     elif case == "negative_mmap_threshold":
-        argv = base + ["--malloc_mmap_threshold", "-1"]
+        argv = base + ["--malloc_hold_mb", "0", "--malloc_mmap_threshold", "-1"]
+    elif case == "negative_hold":
+        argv = base + ["--malloc_hold_mb", "-1"]
+    elif case == "threshold_while_holding":
+        argv = base + ["--malloc_mmap_threshold", str(2**20)]
     else:
         config = json.loads((Path(mlm_setup["student"]) / "config.json").read_text())
         config.update(dim=16, hidden_dim=32)

@@ -1,5 +1,6 @@
-"""common.glibc_malloc: a fixed mmap threshold hands freed blocks back to the system; the flag's checks; the
-environment variable wins."""
+"""common.glibc_malloc: a fixed mmap threshold hands freed blocks back to the system; held freed memory stays
+resident until it passes its limit, and glibc's defaults come back after; the flags' checks; the environment
+wins."""
 
 from __future__ import annotations
 
@@ -93,3 +94,74 @@ def test_threshold_range(value, ok):
     problems = glibc_malloc.threshold_problems(value, "--malloc_mmap_threshold")
     assert problems == ([] if ok else [f"--malloc_mmap_threshold must lie in [0, {32 * 2**20}] bytes (0: glibc's "
                                        f"dynamic default; got {value})"])
+
+
+# In a fresh process: hold freed memory with the given limit, settle, then free a 16 MiB tensor below a small live
+# block. Prints how much resident memory the free gave back, how much the micro-batch check after it gave back, and
+# how much freeing a 40 MiB tensor gave back after the block (glibc maps blocks on their own again).
+HOLD_THEN_FREE = """
+import json, sys
+import torch
+from common.glibc_malloc import held_freed_memory, resident_bytes
+
+mib = 2**20 // 4
+out = {}
+with held_freed_memory(int(sys.argv[1])) as held:
+    out["held"] = held is not None
+    if held is not None:
+        held.check(settled=False)
+        out["baseline_before_settled"] = held.baseline
+        held.check()
+    big = torch.ones(16 * mib)
+    pin = torch.ones(64 * 1024 // 4)
+    before = resident_bytes()
+    del big
+    after_free = resident_bytes()
+    if held is not None:
+        held.check()
+        out["handed_back"] = held.handed_back
+    out.update(free_mb=(before - after_free) / 2**20, check_mb=(after_free - resident_bytes()) / 2**20)
+big = torch.ones(40 * mib)  # over any mmap threshold glibc may have learned: mapped on its own unless mmap is off
+before = resident_bytes()
+del big
+out["free_after_mb"] = (before - resident_bytes()) / 2**20
+print(json.dumps(out))
+"""
+
+
+def hold_then_free(limit: int, env: dict[str, str] | None = None) -> dict:
+    clean = {k: v for k, v in os.environ.items() if k not in glibc_malloc.HOLD_ENV_VARS and k != "GLIBC_TUNABLES"}
+    proc = subprocess.run([sys.executable, "-c", HOLD_THEN_FREE, str(limit)], capture_output=True, text=True,
+                          timeout=120, cwd=ROOT, env={**clean, "PYTHONPATH": str(ROOT), **(env or {})})
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+@glibc_only
+def test_held_memory_stays_resident_until_past_its_limit_and_glibc_defaults_come_back():
+    roomy = hold_then_free(2**30)
+    assert roomy["held"] and roomy["baseline_before_settled"] is None
+    assert roomy["free_mb"] < 2 and roomy["check_mb"] < 2 and roomy["handed_back"] == 0  # kept for reuse
+    tight = hold_then_free(1)  # any growth over the baseline passes the limit: the check hands the block back
+    assert tight["free_mb"] < 2 and tight["check_mb"] > 14 and tight["handed_back"] == 1
+    for run in (roomy, tight):
+        assert run["free_after_mb"] > 38  # after the block: mapped on its own again, unmapped at the free
+
+
+@glibc_only
+@pytest.mark.parametrize("env", [{"MALLOC_TRIM_THRESHOLD_": "131072"}, {"GLIBC_TUNABLES": "glibc.malloc.mmap_max=8"}])
+def test_glibc_malloc_set_in_the_environment_wins_over_holding(env):
+    result = hold_then_free(2**30, env)
+    assert not result["held"]
+
+
+def test_zero_holds_nothing_and_off_glibc_is_a_logged_no_op(monkeypatch, caplog):
+    caplog.set_level(logging.INFO, logger=glibc_malloc.__name__)
+    for name in (*glibc_malloc.HOLD_ENV_VARS, "GLIBC_TUNABLES"):
+        monkeypatch.delenv(name, raising=False)
+    with glibc_malloc.held_freed_memory(0) as held:
+        assert held is None
+    monkeypatch.setattr(glibc_malloc, "_glibc", lambda: None)
+    with glibc_malloc.held_freed_memory(2**30) as held:
+        assert held is None
+    assert "not glibc on Linux" in caplog.text
