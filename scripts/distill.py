@@ -79,9 +79,9 @@ EVAL_MASK_PROP = 0.15
 EVAL_SEED = 1234  # evaluation masks depend only on this and each example, so every run scores the same positions
 STAGE = "checkpoint"
 # --malloc_hold_mb: freed memory held for reuse up to this much over the settled start of training. Whole epochs at
-# issue #10's settings (2 threads, Xeon; baseline 850 MB): 512 peaked at 1.71 GB but handed memory back 96 times
-# (13.5 M page faults), 768 at 1.79 GB with 29 (6.0 M), 1024 at 2.01 GB with 17 (4.9 M), all within 3% of one
-# another's speed; holding everything, 2.61 GB. README.md, distillation bench.
+# issue #10's settings (2 threads, Xeon; baseline 850 MiB): 512 peaked at 1.67 GiB but handed memory back 96 times
+# (13.5 M page faults), 768 at 1.75 GiB with 29 (6.0 M), 1024 at 1.96 GiB with 17 (4.9 M), all within 3% of one
+# another's speed; holding everything, 2.38-2.49 GiB. README.md, distillation bench.
 HOLD_MB = 768
 # --malloc_mmap_threshold, when nothing is held: whole epochs at the issue's settings end at 2.08-2.09 GiB with
 # 4 MiB, under the 2.25 goal that glibc's dynamic default misses (2.21-2.38), for fewer page faults than 1 MiB.
