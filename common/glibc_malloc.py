@@ -1,5 +1,5 @@
 """How glibc's malloc gives freed memory back to the system, set from within the process: a fixed mmap threshold
-(what MALLOC_MMAP_THRESHOLD_ does from outside), or freed memory held for reuse up to a limit (`hold_freed_memory`).
+(what MALLOC_MMAP_THRESHOLD_ does from outside), or freed memory held for reuse up to a limit (`held_freed_memory`).
 
 glibc serves an allocation at or above the threshold with a fresh mmap and hands it back to the system when it is
 freed. By default the threshold is dynamic: each free of an mmapped block raises it to that block's size (up to
@@ -11,11 +11,12 @@ Setting the threshold with mallopt fixes it (and turns the dynamic adjustment of
 does.
 
 A fixed threshold keeps memory down but pays in page faults: every large temporary of every micro-batch is mapped
-and faulted in afresh. `hold_freed_memory` does what PyTorch's CUDA caching allocator does with its
+and faulted in afresh. `held_freed_memory` does what PyTorch's CUDA caching allocator does with its
 garbage-collection threshold instead: no block is mapped on its own and glibc never trims the heap by itself, so
 freed memory stays in the process and the next micro-batch reuses it without a fault; only when resident memory
-has grown past a limit over what it was when training started is the free memory handed back (malloc_trim, at a
-micro-batch boundary). distill.py at issue #10's settings, whole epochs: README.md, distillation bench.
+has grown past a limit over what it was once training settled (after the first optimizer step) is the free memory
+handed back (malloc_trim, at a micro-batch boundary). distill.py at issue #10's settings, whole epochs: README.md,
+distillation bench.
 """
 
 from __future__ import annotations
@@ -109,7 +110,8 @@ class HeldMemory:
 def held_freed_memory(limit: int) -> Iterator[HeldMemory | None]:
     """Within the block glibc serves every block from the heap (no mmap of its own) and never trims the heap by
     itself, so that freed memory is reused without page faults; the HeldMemory yielded hands it back above `limit`
-    bytes over the baseline. At the end glibc's defaults come back and the free memory is handed back. Yields None,
+    bytes over the baseline. At the end glibc's default mmap count and trim threshold come back (fixed: its dynamic
+    threshold stays off, as after any mallopt of either) and the free memory is handed back. Yields None,
     logged, when `limit` is 0, off glibc or Linux, or when glibc's malloc is set through the environment (the
     user's setting wins)."""
     libc = _glibc()
@@ -125,8 +127,8 @@ def held_freed_memory(limit: int) -> Iterator[HeldMemory | None]:
     else:
         libc.mallopt(ctypes.c_int(M_MMAP_MAX), ctypes.c_int(0))
         libc.mallopt(ctypes.c_int(M_TRIM_THRESHOLD), ctypes.c_int(-1))  # -1: never trim
-        logger.info("malloc: freed memory held for reuse, handed back above %.0f MiB over the start of training",
-                    limit / 2**20)
+        logger.info("malloc: freed memory held for reuse, handed back above %.0f MiB over the settled start of "
+                    "training", limit / 2**20)
         held = HeldMemory(libc, limit)
     try:
         yield held

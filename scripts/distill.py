@@ -152,9 +152,10 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     g.add_argument("--malloc_hold_mb", default=HOLD_MB, type=int, metavar="MIB",
                    help="glibc: keep the memory the run frees for reuse instead of handing it back to the system "
                         "(which costs page faults on every micro-batch), until resident memory has grown this many "
-                        "MiB over what it was when training started; then, at the next micro-batch, hand the free "
-                        "memory back. 0: glibc hands memory back itself (--malloc_mmap_threshold). No effect off "
-                        "glibc, or when glibc's malloc is set through the environment.")
+                        "MiB over what it was once training settled (after its first optimizer step); then, at the "
+                        "next micro-batch, hand the free memory back. 0: glibc hands memory back itself "
+                        "(--malloc_mmap_threshold). No effect off glibc, or when glibc's malloc is set through the "
+                        "environment.")
     g.add_argument("--malloc_mmap_threshold", default=None, type=int, metavar="BYTES",
                    help=f"With --malloc_hold_mb 0: fix glibc's mmap threshold at this many bytes (default "
                         f"{MMAP_THRESHOLD}; 0: glibc's dynamic default, which keeps freed blocks of many batch shapes "
