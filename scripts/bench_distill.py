@@ -56,7 +56,7 @@ from common.bench import (
     abba_order, add_timing_lock_arg, bench_parser, format_table, load_average, new_record, run_script, timing_lock,
     write_record,
 )
-from common.errors import RESULTS_ENV, UserError, run_cli
+from common.errors import RESULTS_ENV, UserError, exit_with, run_cli
 
 if not answering_help(__name__):  # -h/--help answers at once: argparse needs none of what follows
     import numpy as np
@@ -577,4 +577,4 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
 
 
 if __name__ == "__main__":
-    sys.exit(run_cli(main))
+    exit_with(run_cli(main))

@@ -44,7 +44,6 @@ import json
 import os
 import random
 import shutil
-import sys
 import time
 from dataclasses import dataclass
 from typing import Any, Sequence
@@ -55,7 +54,7 @@ from common.bench import (
     timing_lock, write_record,
 )
 from common.data.glue_tasks import TASKS
-from common.errors import UserError, run_cli
+from common.errors import UserError, exit_with, run_cli
 from common.models.pooling import POOLINGS
 
 if not answering_help(__name__):  # -h/--help answers at once: argparse needs none of what follows
@@ -619,4 +618,4 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
 
 
 if __name__ == "__main__":
-    sys.exit(run_cli(main))
+    exit_with(run_cli(main))

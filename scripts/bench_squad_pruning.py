@@ -39,7 +39,6 @@ import json
 import os
 import random
 import statistics
-import sys
 import time
 from typing import Any, Sequence
 
@@ -48,7 +47,7 @@ from common.bench import (
     add_timing_lock_arg, bench_parser, format_table, load_average, mirrored_order, new_record, run_script, timing_lock,
     write_record,
 )
-from common.errors import UserError, run_cli
+from common.errors import UserError, exit_with, run_cli
 
 if not answering_help(__name__):  # -h/--help answers at once: argparse needs none of what follows
     import torch
@@ -407,4 +406,4 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
 
 
 if __name__ == "__main__":
-    sys.exit(run_cli(main))
+    exit_with(run_cli(main))

@@ -20,12 +20,11 @@ import argparse
 import logging
 import os
 import re
-import sys
 import time
 from typing import Any, Sequence
 
 from common.args import answering_help, script_parser
-from common.errors import UserError, run_cli
+from common.errors import UserError, exit_with, run_cli
 from common.models.families import TOKENIZER_TYPES
 
 if not answering_help(__name__):  # -h/--help answers at once: argparse needs none of what follows
@@ -84,4 +83,4 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
 
 
 if __name__ == "__main__":
-    sys.exit(run_cli(main))
+    exit_with(run_cli(main))

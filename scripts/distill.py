@@ -32,7 +32,6 @@ import json
 import logging
 import math
 import os
-import sys
 import time
 from dataclasses import asdict, dataclass
 from typing import Any, Sequence
@@ -41,7 +40,7 @@ from common.args import (
     add_convention_args, add_disable_tqdm_arg, add_distributed_args, answering_help, check_output_dir,
     check_precision_flags, check_training_args, parse_with_builtin_defaults, raise_if_problems, script_parser,
 )
-from common.errors import UserError, run_cli
+from common.errors import UserError, exit_with, run_cli
 from common.glibc_malloc import (ENV_VAR as MMAP_ENV_VAR, HeldMemory, fix_mmap_threshold, held_freed_memory,
                                  threshold_problems)
 from common.models.families import CAUSAL_TYPES, FAMILY, STUDENT_TYPES, TEACHER_TYPES
@@ -879,4 +878,4 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
 
 
 if __name__ == "__main__":
-    sys.exit(run_cli(main))
+    exit_with(run_cli(main))

@@ -24,11 +24,10 @@ from __future__ import annotations
 import argparse
 import logging
 import os
-import sys
 from typing import Any, Sequence
 
 from common.args import answering_help, script_parser
-from common.errors import UserError, run_cli
+from common.errors import UserError, exit_with, run_cli
 from common.models.families import STUDENT_TYPES, STUDENTS_OF, TEACHER_TYPES
 
 if not answering_help(__name__):  # -h/--help answers at once: argparse needs none of what follows
@@ -86,4 +85,4 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
 
 
 if __name__ == "__main__":
-    sys.exit(run_cli(main))
+    exit_with(run_cli(main))

@@ -31,7 +31,6 @@ import argparse
 import json
 import logging
 import os
-import sys
 from dataclasses import dataclass, replace
 from typing import Any, Callable, Sequence
 
@@ -41,7 +40,7 @@ from common.args import (
 )
 from common.data.glue_tasks import TASKS
 from common.models.pooling import MEAN, POOLINGS
-from common.errors import UserError, run_cli
+from common.errors import UserError, exit_with, run_cli
 
 if not answering_help(__name__):  # -h/--help answers at once: argparse needs none of what follows
     import numpy as np
@@ -785,4 +784,4 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
 
 
 if __name__ == "__main__":
-    sys.exit(run_cli(main))
+    exit_with(run_cli(main))

@@ -32,7 +32,6 @@ import argparse
 import logging
 import math
 import os
-import sys
 from dataclasses import dataclass
 from typing import Any, Callable, Sequence
 
@@ -40,7 +39,7 @@ from common.args import (
     add_distributed_args, add_model_args, add_run_args, add_training_args, answering_help, check_output_dir,
     check_run_args, parse_with_builtin_defaults, raise_if_problems, script_parser,
 )
-from common.errors import UserError, run_cli
+from common.errors import UserError, exit_with, run_cli
 from common.models.structured import STRUCTURES
 
 if not answering_help(__name__):  # -h/--help answers at once: argparse needs none of what follows
@@ -721,4 +720,4 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
 
 
 if __name__ == "__main__":
-    sys.exit(run_cli(main))
+    exit_with(run_cli(main))
