@@ -74,6 +74,13 @@ def fix_mmap_threshold(value: int) -> int | None:
     return value
 
 
+def malloc_set_in_environment() -> list[str]:
+    """The environment variables through which the user set what `held_freed_memory` would set (glibc's own
+    MALLOC_* variables, or malloc tunables in GLIBC_TUNABLES)."""
+    given = [name for name in HOLD_ENV_VARS if os.environ.get(name)]
+    return given + (["GLIBC_TUNABLES"] if "glibc.malloc." in os.environ.get("GLIBC_TUNABLES", "") else [])
+
+
 def resident_bytes() -> int:
     """This process's resident memory (Linux)."""
     with open("/proc/self/statm", encoding="ascii") as f:
@@ -115,11 +122,11 @@ def held_freed_memory(limit: int) -> Iterator[HeldMemory | None]:
     logged, when `limit` is 0, off glibc or Linux, or when glibc's malloc is set through the environment (the
     user's setting wins)."""
     libc = _glibc()
-    given = [name for name in HOLD_ENV_VARS if os.environ.get(name)]
+    given = malloc_set_in_environment()
     if limit == 0:
         held = None
-    elif given or "glibc.malloc." in os.environ.get("GLIBC_TUNABLES", ""):
-        logger.info("malloc: %s from the environment wins; freed memory not held", ", ".join(given) or "GLIBC_TUNABLES")
+    elif given:
+        logger.info("malloc: %s from the environment wins; freed memory not held", ", ".join(given))
         held = None
     elif libc is None or not os.path.exists("/proc/self/statm"):
         logger.info("malloc: not glibc on Linux, freed memory not held (no effect here)")

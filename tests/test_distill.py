@@ -200,7 +200,7 @@ def test_cli_end_to_end_writes_every_output(mlm_setup, tmp_path):
     assert results["data"]["split_too_long"] > 0 and results["data"]["removed_too_short"] >= 1
     assert results["frozen"] == ["distilbert.embeddings.position_embeddings.weight"]
     glibc = glibc_malloc._glibc() is not None and os.path.exists("/proc/self/statm")
-    held = glibc and not any(os.environ.get(name) for name in (*glibc_malloc.HOLD_ENV_VARS, "GLIBC_TUNABLES"))
+    held = glibc and not glibc_malloc.malloc_set_in_environment()
     if held:  # freed memory held for reuse (the default), its baseline taken once the first step settled it
         assert results["malloc_held"]["limit_mb"] == distill.HOLD_MB and results["malloc_held"]["baseline_mb"] > 0
         assert results["malloc_mmap_threshold"] is None

@@ -23,13 +23,9 @@ glibc_only = pytest.mark.skipif(glibc_malloc._glibc() is None or not os.path.exi
 # glibc's dynamic threshold has learned to take from the heap, with a small block allocated after it that keeps
 # the heap from shrinking. Prints what fix_mmap_threshold returned and how much resident memory the free gave back.
 FREE_AFTER_LEARNING = """
-import json, os, sys
+import json, sys
 import torch
-from common.glibc_malloc import fix_mmap_threshold
-
-def rss():
-    with open("/proc/self/statm") as f:
-        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+from common.glibc_malloc import fix_mmap_threshold, resident_bytes as rss
 
 result = fix_mmap_threshold(int(sys.argv[1]))
 mib = 2**20 // 4
@@ -43,13 +39,18 @@ print(json.dumps({"set": result, "freed_mb": (before - rss()) / 2**20}))
 """
 
 
-def free_after_learning(threshold: int, env: dict[str, str] | None = None) -> dict:
-    proc = subprocess.run([sys.executable, "-c", FREE_AFTER_LEARNING, str(threshold)], capture_output=True,
-                          text=True, timeout=120, cwd=ROOT,
-                          env={**{k: v for k, v in os.environ.items() if k != glibc_malloc.ENV_VAR},
-                               "PYTHONPATH": str(ROOT), **(env or {})})
+def in_fresh_process(script: str, value: int, env: dict[str, str] | None = None) -> dict:
+    """`script` run with `value` in a fresh Python (malloc settings are process-wide), none of glibc's malloc
+    variables of this environment but `env`'s; what it printed last, as JSON."""
+    clean = {k: v for k, v in os.environ.items() if k not in (*glibc_malloc.HOLD_ENV_VARS, "GLIBC_TUNABLES")}
+    proc = subprocess.run([sys.executable, "-c", script, str(value)], capture_output=True, text=True, timeout=120,
+                          cwd=ROOT, env={**clean, "PYTHONPATH": str(ROOT), **(env or {})})
     assert proc.returncode == 0, proc.stderr[-2000:]
     return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def free_after_learning(threshold: int, env: dict[str, str] | None = None) -> dict:
+    return in_fresh_process(FREE_AFTER_LEARNING, threshold, env)
 
 
 @glibc_only
@@ -130,11 +131,7 @@ print(json.dumps(out))
 
 
 def hold_then_free(limit: int, env: dict[str, str] | None = None) -> dict:
-    clean = {k: v for k, v in os.environ.items() if k not in glibc_malloc.HOLD_ENV_VARS and k != "GLIBC_TUNABLES"}
-    proc = subprocess.run([sys.executable, "-c", HOLD_THEN_FREE, str(limit)], capture_output=True, text=True,
-                          timeout=120, cwd=ROOT, env={**clean, "PYTHONPATH": str(ROOT), **(env or {})})
-    assert proc.returncode == 0, proc.stderr[-2000:]
-    return json.loads(proc.stdout.strip().splitlines()[-1])
+    return in_fresh_process(HOLD_THEN_FREE, limit, env)
 
 
 @glibc_only
