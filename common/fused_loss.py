@@ -27,6 +27,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from common import vocab_products
+
 # Bytes of vocabulary-sized float32 temporaries one chunk may hold (four tensors of chunk x vocabulary), and
 # rows in whole multiples of CHUNK_ROW_MULTIPLE: at a vocabulary of 30,522 on 2 threads the 137 rows this
 # target gave unrounded ran the vocabulary products about 18% slower than 128; 256 rows (a 128 MiB target) were
@@ -110,24 +112,13 @@ def _keep_workspace(buf: torch.Tensor) -> None:
     _workspaces[buf.device] = buf
 
 
-def _logits(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, out: torch.Tensor,
-            scale: float = 1.0) -> None:
-    """out = (hidden @ weight.T + bias) * scale, made in `out`'s row-major layout by one product. (Made as
-    (weight @ hidden.T + bias).T and copied, it cost the copy on top of a product no faster: 128 x 30,522 on 2
-    threads, torch 2.13, 15.0-15.6 ms against 10.2-10.9 ms.) The scale rides on the product (no pass of its own)."""
-    if bias is not None:
-        torch.addmm(bias, hidden, weight.t(), beta=scale, alpha=scale, out=out)
-    else:
-        torch.mm(hidden if scale == 1.0 else hidden * scale, weight.t(), out=out)
-
-
 class FusedDistillationLoss(torch.autograd.Function):
     """(weighted total, soft CE, LM CE, MSE) from hidden states through the projection, chunk by chunk; only
     the total carries a gradient."""
 
     @staticmethod
     def forward(ctx, hidden, weight, bias, teacher_hidden, teacher_weight, teacher_bias, rows, targets,
-                weights: LossWeights, chunk: int):
+                weights: LossWeights, chunk: int, matmul: str):
         n, vocab = hidden.shape[0], weight.shape[0]
         T = float(weights.temperature)
         dev = hidden.device
@@ -155,18 +146,23 @@ class FusedDistillationLoss(torch.autograd.Function):
             tw = teacher_weight.float()
             tb = teacher_bias.float() if teacher_bias is not None else None
             t_scale = 1.0 / T if weights.ce > 0 and weights.mse == 0 else 1.0
-        # One workspace of chunk x vocabulary buffers, reused by every chunk and kept for the next call.
         rows_max = min(chunk, n)
-        workspace = _take_workspace(TENSORS_PER_ROW * rows_max * vocab, dev)
-        z_buf, t_buf, a_buf, b_buf = workspace[:TENSORS_PER_ROW * rows_max * vocab].view(TENSORS_PER_ROW, rows_max,
-                                                                                         vocab)
+        backend = vocab_products.resolve(matmul, h_all[:rows_max], w, b_vec)
+        # One workspace of chunk x vocabulary buffers, reused by every chunk and kept for the next call; oneDNN
+        # makes the two logits in tensors of its own.
+        own = 2 if backend == "onednn" else 0
+        kept = TENSORS_PER_ROW - own
+        workspace = _take_workspace(kept * rows_max * vocab, dev)
+        buffers = workspace[:kept * rows_max * vocab].view(kept, rows_max, vocab)
         for start in range(0, n, chunk):
             end = min(start + chunk, n)
             h = h_all[start:end]
-            z, t, a, b = (buf[:end - start] for buf in (z_buf, t_buf, a_buf, b_buf))
-            _logits(h, w, b_vec, z)  # the chunk's student logits
+            views = [buf[:end - start] for buf in buffers]
+            z, t = (None, None) if own else views[:2]
+            a, b = views[-2:]
+            z = vocab_products.linear(h, w, b_vec, backend, out=z)  # the chunk's student logits
             if weights.needs_teacher:  # at the temperature already unless the MSE needs them plain
-                _logits(teacher_hidden[start:end].float(), tw, tb, t, t_scale)
+                t = vocab_products.linear(teacher_hidden[start:end].float(), tw, tb, backend, t_scale, out=t)
             rw = row_w[start:end, None]
             grad = None
             if weights.mse > 0:
@@ -193,7 +189,7 @@ class FusedDistillationLoss(torch.autograd.Function):
                     grad = d.mul_(rw * (T * weights.ce)) if grad is None else grad.addcmul_(d, rw * (T * weights.ce))
             if grad is not None:
                 if want_h:
-                    torch.mm(grad, w, out=grad_h[start:end])
+                    vocab_products.matmul(grad, w, backend, out=grad_h[start:end])
                 if want_w:
                     grad_w.addmm_(grad.t(), h, beta=float(start > 0))  # beta 0: the empty start is ignored
                 if want_b:
@@ -214,18 +210,19 @@ class FusedDistillationLoss(torch.autograd.Function):
         # Scaled in place: the stored gradients serve this one backward (autograd's version check refuses a
         # second one through a retained graph).
         scaled = [g.mul_(grad_total) if g is not None else None for g in (grad_h, grad_w, grad_b)]
-        return (*scaled, None, None, None, None, None, None, None)
+        return (*scaled, None, None, None, None, None, None, None, None)
 
 
 def fused_distillation_losses(hidden: torch.Tensor, projection: nn.Linear, teacher_hidden: torch.Tensor | None,
                               teacher_projection: nn.Linear | None, rows: torch.Tensor, targets: torch.Tensor,
-                              weights: LossWeights, chunk_size: int | None = None
+                              weights: LossWeights, chunk_size: int | None = None, matmul: str = "auto"
                               ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """The weighted sum of the soft cross-entropy, LM cross-entropy and logit MSE (with a gradient to the
     student's hidden states and projection), and each term with a positive weight, unweighted ("ce", "lm",
     "mse"). `hidden`/`teacher_hidden`: (..., H) states entering each projection; `rows`: positions of the soft
     cross-entropy and the MSE; `targets`: the id each position predicts (`lm_targets`). The teacher side is
-    read without a gradient (it may come from torch.inference_mode)."""
+    read without a gradient (it may come from torch.inference_mode). `matmul`: the products' backend
+    (common.vocab_products: auto, blas, onednn)."""
     h = hidden.reshape(-1, hidden.shape[-1])
     if weights.needs_teacher:
         if teacher_hidden is None or teacher_projection is None:
@@ -237,13 +234,13 @@ def fused_distillation_losses(hidden: torch.Tensor, projection: nn.Linear, teach
         t_hidden = t_weight = t_bias = None
     chunk = chunk_rows(projection.weight.shape[0], chunk_size)
     total, sums = FusedDistillationLoss.apply(h, projection.weight, projection.bias, t_hidden, t_weight, t_bias,
-                                              rows.reshape(-1), targets.reshape(-1), weights, chunk)
+                                              rows.reshape(-1), targets.reshape(-1), weights, chunk, matmul)
     names = (("ce", weights.ce), ("lm", weights.lm), ("mse", weights.mse))
     return total, {name: sums[i] for i, (name, alpha) in enumerate(names) if alpha > 0}
 
 
 def token_nll(hidden: torch.Tensor, projection: nn.Linear, targets: torch.Tensor,
-              chunk_size: int | None = None) -> torch.Tensor:
+              chunk_size: int | None = None, matmul: str = "auto") -> torch.Tensor:
     """Each position's negative log-likelihood of its target (`lm_targets`; 0 where it has none), through the
     projection in chunks of positions: evaluation's perplexity without whole logits. No gradient."""
     h = hidden.reshape(-1, hidden.shape[-1]).detach().float()
@@ -252,16 +249,17 @@ def token_nll(hidden: torch.Tensor, projection: nn.Linear, targets: torch.Tensor
     bias = None if projection.bias is None else projection.bias.detach().float()
     chunk = chunk_rows(weight.shape[0], chunk_size)
     rows = min(chunk, h.shape[0])
-    workspace = _take_workspace(rows * weight.shape[0], h.device)
-    z_buf = workspace[:rows * weight.shape[0]].view(rows, weight.shape[0])
     out = torch.zeros(h.shape[0], device=h.device)
     with torch.no_grad():
+        backend = vocab_products.resolve(matmul, h[:rows], weight, bias)
+        workspace = None if backend == "onednn" else _take_workspace(rows * weight.shape[0], h.device)
         for start in range(0, h.shape[0], chunk):
             end = min(start + chunk, h.shape[0])
-            z = z_buf[:end - start]
-            _logits(h[start:end], weight, bias, z)
+            z = None if workspace is None else workspace[:(end - start) * weight.shape[0]].view(end - start, -1)
+            z = vocab_products.linear(h[start:end], weight, bias, backend, out=z)
             log_s = torch._log_softmax(z, -1, False, out=z)
             tg = flat[start:end]
             out[start:end] = -log_s.gather(-1, tg.clamp_min(0)[:, None])[:, 0] * (tg != -100)
-    _keep_workspace(workspace)
+    if workspace is not None:
+        _keep_workspace(workspace)
     return out.view(targets.shape)

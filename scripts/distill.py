@@ -44,6 +44,7 @@ from common.errors import UserError, exit_with, run_cli
 from common.glibc_malloc import (ENV_VAR as MMAP_ENV_VAR, HeldMemory, fix_mmap_threshold, held_freed_memory,
                                  threshold_problems)
 from common.models.families import CAUSAL_TYPES, FAMILY, STUDENT_TYPES, TEACHER_TYPES
+from common.vocab_products import BACKENDS as MATMUL_BACKENDS, backend_problem
 
 if not answering_help(__name__):  # -h/--help answers at once: argparse needs none of what follows
     import numpy as np
@@ -148,6 +149,11 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
                    help="Tokens per chunk of the output projection and the vocabulary-sized losses, in training "
                         "and evaluation (default: from a memory target of about 64 MB of temporaries, in whole "
                         "blocks of 64 tokens).")
+    g.add_argument("--loss_matmul", default="auto", choices=MATMUL_BACKENDS,
+                   help="How the CPU runs the vocabulary-sized products of those chunks (the logits and the gradient "
+                        "to the hidden states): BLAS (torch.mm: MKL), oneDNN's linear, or auto: the faster of the "
+                        "two on this CPU, timed once on the first chunk (oneDNN ran them about twice as fast as MKL "
+                        "on an AMD EPYC). Results differ only in float32 rounding. A GPU always uses cuBLAS.")
     g.add_argument("--malloc_hold_mb", default=HOLD_MB, type=int, metavar="MIB",
                    help="glibc: keep the memory the run frees for reuse instead of handing it back to the system "
                         "(which costs page faults on every micro-batch), until resident memory has grown this many "
@@ -266,6 +272,8 @@ def flag_problems(args: argparse.Namespace, ctx: DistContext) -> list[str]:
             problems.append(f"--{name} must be >= 0 (got {value})")
     if args.loss_chunk_size is not None and args.loss_chunk_size < 1:
         problems.append(f"--loss_chunk_size must be at least 1 (got {args.loss_chunk_size})")
+    if args.loss_matmul == "onednn" and backend_problem("onednn"):
+        problems.append(f"--loss_matmul onednn: {backend_problem('onednn')}")
     if args.malloc_hold_mb < 0:
         problems.append(f"--malloc_hold_mb cannot be negative (got {args.malloc_hold_mb}; 0: hold nothing)")
     if args.malloc_mmap_threshold is not None:
@@ -568,14 +576,15 @@ def token_probabilities(ctx: DistContext, run: Run, token_file: lm.TokenFile, to
 def distillation_loss(student_features: torch.Tensor, projection: nn.Linear, teacher_features: torch.Tensor | None,
                       teacher_projection: nn.Linear | None, student_hidden: torch.Tensor | None,
                       teacher_hidden: torch.Tensor | None, attention_mask: torch.Tensor, labels: torch.Tensor,
-                      losses: Losses, causal: bool, chunk_size: int | None = None
+                      losses: Losses, causal: bool, chunk_size: int | None = None, matmul: str = "auto"
                       ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """DistilBERT's loss mix: alpha_ce * soft cross-entropy(student, teacher; T) * T^2 over every real token
     (or only the masked ones), + alpha_mlm * masked-LM or alpha_clm * causal-LM cross-entropy, + alpha_mse *
     MSE of the logits (summed over the vocabulary, averaged over positions), + alpha_cos * (1 - cosine) of the
     last hidden states. The logits are never made whole: `*_features` are the states entering each model's
     output projection, and the vocabulary-sized terms go through it in chunks of `chunk_size` tokens
-    (common.fused_loss; automatic when None). Returns (weighted sum, each active term unweighted)."""
+    (common.fused_loss; automatic when None), their products through `matmul` (common.vocab_products).
+    Returns (weighted sum, each active term unweighted)."""
     rows = (labels != -100) if losses.restrict_ce_to_mask else attention_mask.bool()
     lm_name, alpha_lm = ("loss_clm", losses.alpha_clm) if causal else ("loss_mlm", losses.alpha_mlm)
     weights = LossWeights(ce=losses.alpha_ce, lm=alpha_lm, mse=losses.alpha_mse, temperature=losses.temperature)
@@ -583,7 +592,7 @@ def distillation_loss(student_features: torch.Tensor, projection: nn.Linear, tea
     terms: dict[str, torch.Tensor] = {}
     if weights.ce > 0 or weights.lm > 0 or weights.mse > 0:
         total, fused = fused_distillation_losses(student_features, projection, teacher_features, teacher_projection,
-                                                 rows, lm_targets(labels, causal), weights, chunk_size)
+                                                 rows, lm_targets(labels, causal), weights, chunk_size, matmul)
         terms.update({{"ce": "loss_ce", "lm": lm_name, "mse": "loss_mse"}[k]: v for k, v in fused.items()})
     if losses.alpha_cos > 0:
         terms["loss_cos"] = hidden_cosine(student_hidden, teacher_hidden, attention_mask)
@@ -598,8 +607,8 @@ class DistillStep:
     logging window, with no host sync per micro-batch)."""
 
     def __init__(self, run: Run, teacher: nn.Module, chunk_size: int | None = None,
-                 memory: HeldMemory | None = None) -> None:
-        self.run, self.teacher, self.chunk_size, self.memory = run, teacher, chunk_size, memory
+                 memory: HeldMemory | None = None, matmul: str = "auto") -> None:
+        self.run, self.teacher, self.chunk_size, self.memory, self.matmul = run, teacher, chunk_size, memory, matmul
         self.hidden = run.losses.alpha_cos > 0
         self.needs_teacher = run.losses.alpha_ce > 0 or run.losses.alpha_mse > 0 or self.hidden
 
@@ -621,7 +630,7 @@ class DistillStep:
         return distillation_loss(
             student.logits, projection, teacher_features, teacher_projection,
             student.hidden_states[-1] if self.hidden else None, teacher_hidden, attention_mask, batch["labels"],
-            self.run.losses, self.run.causal, self.chunk_size)
+            self.run.losses, self.run.causal, self.chunk_size, self.matmul)
 
 
 def batch_source(args: argparse.Namespace, run: Run, data: lm.LmDataset, tokenizer: Any, vocab_size: int,
@@ -680,7 +689,7 @@ def distill(ctx: DistContext, args: argparse.Namespace, run: Run, student: nn.Mo
                 run.student_type, count_parameters(student) / 1e6,
                 sum(p.numel() for p in student.parameters() if p.requires_grad) / 1e6, run.teacher_type,
                 count_parameters(teacher) / 1e6)
-    stage = Stage(STAGE, DistillStep(run, teacher, args.loss_chunk_size, memory),
+    stage = Stage(STAGE, DistillStep(run, teacher, args.loss_chunk_size, memory, args.loss_matmul),
                   lambda: param_groups(student.named_parameters(), args.learning_rate, args.weight_decay),
                   on_log=Throughput(ctx, batches))
     (result,) = train(ctx, cfg, student, [stage], batches, save, tb_writer=writer, resume_from=run.resume)
@@ -745,7 +754,7 @@ def evaluate(ctx: DistContext, args: argparse.Namespace, run: Run, student: nn.M
             with projection_removed(model) as projection:
                 features = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
             targets = lm_targets(batch["labels"], run.causal).view_as(batch["labels"])
-            nll = token_nll(features, projection, targets, args.loss_chunk_size)
+            nll = token_nll(features, projection, targets, args.loss_chunk_size, args.loss_matmul)
             return {"nll": nll.sum(-1), "count": (targets != -100).sum(-1), "tokens": batch["tokens"]}
         return step
 

@@ -21,7 +21,7 @@ import binarize_data
 import distill
 import extract_student
 import token_counts
-from common import glibc_malloc
+from common import glibc_malloc, vocab_products
 from common.builtin import distill as builtin_distill
 from common.errors import UserError, run_cli
 from common.models.student import DISTILBERT_LAYER, extract, load_teacher
@@ -228,23 +228,26 @@ def test_cli_end_to_end_writes_every_output(mlm_setup, tmp_path):
 
 
 def test_twenty_steps_end_at_the_weights_of_the_whole_logits_loss(mlm_setup, tmp_path, monkeypatch):
-    """The chunked losses train as the straightforward computation on whole logits does (test_fused_loss.py
-    compares one step term by term and gradient by gradient)."""
+    """The chunked losses train as the straightforward computation on whole logits does, their products through
+    BLAS and through oneDNN (test_fused_loss.py compares one step term by term and gradient by gradient)."""
     common = ["--max_steps", "20", "--batch_size", "4", "--alpha_ce", "5", "--alpha_mlm", "2", "--alpha_mse", "0.1",
               "--alpha_cos", "1", "--loss_chunk_size", "7"]
-    distill.main(mlm_args(mlm_setup, tmp_path / "chunked", *common))
+    backends = ["blas"] + (["onednn"] if vocab_products.onednn_available() else [])
+    for backend in backends:
+        distill.main(mlm_args(mlm_setup, tmp_path / backend, *common, "--loss_matmul", backend))
 
-    def whole_logits_step(run, teacher, chunk, memory):
+    def whole_logits_step(run, teacher, *rest):
         return reference_step(run.losses, run.causal, teacher)
 
     monkeypatch.setattr(distill, "DistillStep", whole_logits_step)
     distill.main(mlm_args(mlm_setup, tmp_path / "whole", *common))
-    chunked = load_file(str(tmp_path / "chunked" / "model.safetensors"))
     whole = load_file(str(tmp_path / "whole" / "model.safetensors"))
     init = load_file(os.path.join(mlm_setup["student"], "model.safetensors"))
-    assert chunked.keys() == whole.keys()
-    for name, w in whole.items():  # (a tensor that stays near 0, e.g. the key bias with no gradient: 1e-3)
-        assert float((chunked[name] - w).abs().max()) <= 1e-5 * max(float(w.abs().max()), 1e-3), name
+    for backend in backends:
+        chunked = load_file(str(tmp_path / backend / "model.safetensors"))
+        assert chunked.keys() == whole.keys()
+        for name, w in whole.items():  # (a tensor that stays near 0, e.g. the key bias with no gradient: 1e-3)
+            assert float((chunked[name] - w).abs().max()) <= 1e-5 * max(float(w.abs().max()), 1e-3), (backend, name)
     lin = "distilbert.transformer.layer.1.ffn.lin1.weight"
     assert float((whole[lin] - init[lin]).abs().max()) > 1e-3  # twenty steps that moved the weights
 
@@ -355,9 +358,10 @@ def gpt2_student(tiny_gpt2_dir, tmp_path_factory) -> str:
     ("negative_mmap_threshold", "--malloc_mmap_threshold must lie in \\[0, 33554432\\] bytes"),
     ("negative_hold", "--malloc_hold_mb cannot be negative"),
     ("threshold_while_holding", "--malloc_mmap_threshold only applies with --malloc_hold_mb 0"),
+    ("onednn_missing", "--loss_matmul onednn: this PyTorch build has no oneDNN linear"),
     ("cos_with_other_width", "--alpha_cos compares hidden states"),
 ])
-def test_bad_inputs(case, pattern, mlm_setup, gpt2_student, tiny_gpt2_dir, lm_corpus_dir, tmp_path):
+def test_bad_inputs(case, pattern, mlm_setup, gpt2_student, tiny_gpt2_dir, lm_corpus_dir, tmp_path, monkeypatch):
     out = tmp_path / "o"
     base = mlm_args(mlm_setup, out)
     if case == "vocab_mismatch":
@@ -393,6 +397,9 @@ def test_bad_inputs(case, pattern, mlm_setup, gpt2_student, tiny_gpt2_dir, lm_co
         argv = base + ["--malloc_hold_mb", "-1"]
     elif case == "threshold_while_holding":
         argv = base + ["--malloc_mmap_threshold", str(2**20)]
+    elif case == "onednn_missing":  # a build without oneDNN
+        monkeypatch.setattr(vocab_products, "onednn_available", lambda: False)
+        argv = base + ["--loss_matmul", "onednn"]
     else:
         config = json.loads((Path(mlm_setup["student"]) / "config.json").read_text())
         config.update(dim=16, hidden_dim=32)

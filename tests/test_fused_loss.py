@@ -1,7 +1,7 @@
 """The chunked distillation losses (common/fused_loss.py, through scripts/distill.py's loss step) against the
 straightforward computation on whole logits: every loss term and every parameter gradient, for masked-LM and
 causal-LM students, with and without --restrict_ce_to_mask, with padding, at chunk sizes that do and do not
-divide the token count."""
+divide the token count, with the vocabulary products through BLAS and through oneDNN (common/vocab_products.py)."""
 
 from __future__ import annotations
 
@@ -15,6 +15,7 @@ from transformers import (
 
 import distill
 from common.distillation import hidden_cosine, hidden_mse, lm_cross_entropy, soft_cross_entropy
+from common import vocab_products
 from common.fused_loss import (
     LossWeights, chunk_rows, fused_distillation_losses, lm_targets, output_projection, projection_removed,
     token_nll,
@@ -22,6 +23,9 @@ from common.fused_loss import (
 
 VOCAB = 53
 pytestmark = pytest.mark.usefixtures("one_thread")
+# The products' backends, each under test (oneDNN where this build has it).
+PRODUCTS = ["blas", pytest.param("onednn", marks=pytest.mark.skipif(not vocab_products.onednn_available(),
+                                                                    reason="no oneDNN linear in this build"))]
 
 
 def reference_step(losses: distill.Losses, causal: bool, teacher: torch.nn.Module):
@@ -111,9 +115,10 @@ def assert_close_relative(got: dict[str, torch.Tensor], want: dict[str, torch.Te
 
 
 # Without the MSE the teacher's logits are made at the temperature directly (the issue's settings).
+@pytest.mark.parametrize("matmul", PRODUCTS)
 @pytest.mark.parametrize("causal,restrict,mse", [(False, False, 0.3), (False, True, 0.3), (True, False, 0.3),
                                                  (False, False, 0.0)])
-def test_every_term_and_gradient_equals_the_whole_logits_computation(causal, restrict, mse):
+def test_every_term_and_gradient_equals_the_whole_logits_computation(causal, restrict, mse, matmul):
     teacher, student = tiny_pair(causal)
     teacher.eval().requires_grad_(False)
     student.eval()  # no dropout: both computations see the same network
@@ -128,7 +133,7 @@ def test_every_term_and_gradient_equals_the_whole_logits_computation(causal, res
     # 1e-5 off the float64 value on some CPUs, so 1e-5 between them fails by rounding alone.
     ce_tolerance = 1e-7 * soft_ce_scale(losses, teacher, student, batch)
     for chunk in (1, 4, 7, 27, 64, None):  # 27 tokens: 4 and 7 leave a short last chunk
-        total, terms = distill.DistillStep(run_of(losses, causal), teacher, chunk)(student, batch, None)
+        total, terms = distill.DistillStep(run_of(losses, causal), teacher, chunk, matmul=matmul)(student, batch, None)
         assert terms.keys() == want_terms.keys()
         for name, value in want_terms.items():
             tolerance = dict(abs=ce_tolerance, rel=0) if name == "loss_ce" else dict(rel=1e-5)
@@ -166,8 +171,9 @@ def test_helpers():
     assert student.vocab_projector is projection
 
 
+@pytest.mark.parametrize("matmul", PRODUCTS)
 @pytest.mark.parametrize("causal", [False, True])
-def test_token_nll_equals_the_log_softmax_of_whole_logits(causal):
+def test_token_nll_equals_the_log_softmax_of_whole_logits(causal, matmul):
     _, model = tiny_pair(causal)
     model.eval()
     batch = padded_batch(causal)
@@ -182,5 +188,46 @@ def test_token_nll_equals_the_log_softmax_of_whole_logits(causal):
     want = -(picked * (labels != -100)).sum(-1)
     targets = lm_targets(batch["labels"], causal).view_as(batch["labels"])
     for chunk in (5, None):
-        got = token_nll(features, projection, targets, chunk).sum(-1)
+        got = token_nll(features, projection, targets, chunk, matmul).sum(-1)
         assert torch.allclose(got, want, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("matmul", PRODUCTS)
+def test_each_backend_computes_the_products(matmul):
+    g = torch.Generator().manual_seed(3)
+    x, weight, bias = torch.randn(9, 16, generator=g), torch.randn(40, 16, generator=g), torch.randn(40, generator=g)
+    want = (x @ weight.t() + bias) / 2
+    got = vocab_products.linear(x, weight, bias, matmul, scale=0.5, out=torch.empty(9, 40))
+    assert torch.allclose(got, want, rtol=1e-5, atol=1e-5)
+    assert torch.allclose(vocab_products.linear(x, weight, None, matmul), x @ weight.t(), rtol=1e-5, atol=1e-5)
+    grad = torch.randn(9, 40, generator=g)
+    out = torch.full((9, 16), float("nan"))
+    assert vocab_products.matmul(grad, weight, matmul, out=out).data_ptr() == out.data_ptr()
+    assert torch.allclose(out, grad @ weight, rtol=1e-5, atol=1e-5)
+
+
+def test_auto_keeps_the_faster_backend_and_a_fixed_choice_is_checked(monkeypatch, caplog):
+    x, weight = torch.randn(6, 8), torch.randn(30, 8)
+    assert vocab_products.resolve("blas", x, weight, None) == "blas"
+    with pytest.raises(ValueError, match="unknown product backend 'mkl'"):
+        vocab_products.resolve("mkl", x, weight, None)
+    if not vocab_products.onednn_available():
+        assert vocab_products.resolve("auto", x, weight, None) == "blas"
+        return
+    monkeypatch.setattr(vocab_products, "_chosen", {})
+    real = vocab_products.linear
+
+    def slow_blas(x, weight, bias, backend, scale=1.0, out=None):  # BLAS made the slower of the two
+        if backend == "blas":
+            import time
+            time.sleep(0.01)
+        return real(x, weight, bias, backend, scale, out)
+
+    monkeypatch.setattr(vocab_products, "linear", slow_blas)
+    with caplog.at_level("INFO", logger="common.vocab_products"):
+        assert vocab_products.resolve("auto", x, weight, None) == "onednn"
+    assert "onednn (best of 4" in caplog.text
+    monkeypatch.setattr(vocab_products, "linear", real)  # timed once per shape: the choice is kept
+    assert vocab_products.resolve("auto", x, weight, None) == "onednn"
+    assert vocab_products.resolve("auto", torch.randn(5, 8), weight, None) == "onednn"  # fewer rows: the same
+    assert len(vocab_products._chosen) == 1
