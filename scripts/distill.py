@@ -272,8 +272,9 @@ def flag_problems(args: argparse.Namespace, ctx: DistContext) -> list[str]:
             problems.append(f"--{name} must be >= 0 (got {value})")
     if args.loss_chunk_size is not None and args.loss_chunk_size < 1:
         problems.append(f"--loss_chunk_size must be at least 1 (got {args.loss_chunk_size})")
-    if args.loss_matmul == "onednn" and backend_problem("onednn"):
-        problems.append(f"--loss_matmul onednn: {backend_problem('onednn')}")
+    matmul_problem = backend_problem(args.loss_matmul)
+    if matmul_problem is not None:
+        problems.append(f"--loss_matmul {args.loss_matmul}: {matmul_problem}")
     if args.malloc_hold_mb < 0:
         problems.append(f"--malloc_hold_mb cannot be negative (got {args.malloc_hold_mb}; 0: hold nothing)")
     if args.malloc_mmap_threshold is not None:
