@@ -27,7 +27,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from common import vocab_products
+from common import cpu_matmul
+from common.tied_embedding import Slot
 
 # Bytes of vocabulary-sized float32 temporaries one chunk may hold (four tensors of chunk x vocabulary), and
 # rows in whole multiples of CHUNK_ROW_MULTIPLE: at a vocabulary of 30,522 on 2 threads the 137 rows this
@@ -118,7 +119,7 @@ class FusedDistillationLoss(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, hidden, weight, bias, teacher_hidden, teacher_weight, teacher_bias, rows, targets,
-                weights: LossWeights, chunk: int, matmul: str):
+                weights: LossWeights, chunk: int, matmul: str, slot: Slot | None):
         n, vocab = hidden.shape[0], weight.shape[0]
         T = float(weights.temperature)
         dev = hidden.device
@@ -147,7 +148,7 @@ class FusedDistillationLoss(torch.autograd.Function):
             tb = teacher_bias.float() if teacher_bias is not None else None
             t_scale = 1.0 / T if weights.ce > 0 and weights.mse == 0 else 1.0
         rows_max = min(chunk, n)
-        backend = vocab_products.resolve(matmul, h_all[:rows_max], w, b_vec)
+        backend = cpu_matmul.resolve(matmul, h_all[:rows_max], w, b_vec)
         # One workspace of chunk x vocabulary buffers, reused by every chunk and kept for the next call; oneDNN
         # makes the two logits in tensors of its own.
         own = 2 if backend == "onednn" else 0
@@ -160,9 +161,9 @@ class FusedDistillationLoss(torch.autograd.Function):
             views = [buf[:end - start] for buf in buffers]
             z, t = (None, None) if own else views[:2]
             a, b = views[-2:]
-            z = vocab_products.linear(h, w, b_vec, backend, out=z)  # the chunk's student logits
+            z = cpu_matmul.linear(h, w, b_vec, backend, out=z)  # the chunk's student logits
             if weights.needs_teacher:  # at the temperature already unless the MSE needs them plain
-                t = vocab_products.linear(teacher_hidden[start:end].float(), tw, tb, backend, t_scale, out=t)
+                t = cpu_matmul.linear(teacher_hidden[start:end].float(), tw, tb, backend, t_scale, out=t)
             rw = row_w[start:end, None]
             grad = None
             if weights.mse > 0:
@@ -189,40 +190,46 @@ class FusedDistillationLoss(torch.autograd.Function):
                     grad = d.mul_(rw * (T * weights.ce)) if grad is None else grad.addcmul_(d, rw * (T * weights.ce))
             if grad is not None:
                 if want_h:
-                    vocab_products.matmul(grad, w, backend, out=grad_h[start:end])
+                    cpu_matmul.matmul(grad, w, backend, out=grad_h[start:end])
                 if want_w:
                     grad_w.addmm_(grad.t(), h, beta=float(start > 0))  # beta 0: the empty start is ignored
                 if want_b:
                     grad_b.add_(grad.sum(0))
         _keep_workspace(workspace)
         total = weights.ce * sums[0] + weights.lm * sums[1] + weights.mse * sums[2]
-        ctx.save_for_backward(
-            grad_h.to(hidden.dtype) if grad_h is not None else None,
-            grad_w.to(weight.dtype) if grad_w is not None else None,
-            grad_b.to(bias.dtype) if grad_b is not None else None)
+        # Held on ctx, not saved: backward hands them on as the only reference, so autograd may add the other
+        # gradients of a shared weight into them in place (a tied input embedding's: common.tied_embedding).
+        ctx.grads = [g.to(t.dtype) if g is not None else None
+                     for g, t in ((grad_h, hidden), (grad_w, weight), (grad_b, bias))]
+        ctx.slot = slot
         terms = sums.clone()
         ctx.mark_non_differentiable(terms)
         return total, terms
 
     @staticmethod
     def backward(ctx, grad_total, grad_terms):
-        grad_h, grad_w, grad_b = ctx.saved_tensors
-        # Scaled in place: the stored gradients serve this one backward (autograd's version check refuses a
-        # second one through a retained graph).
-        scaled = [g.mul_(grad_total) if g is not None else None for g in (grad_h, grad_w, grad_b)]
-        return (*scaled, None, None, None, None, None, None, None, None)
+        grads = getattr(ctx, "grads", None)
+        if grads is None:
+            raise RuntimeError("the fused distillation loss serves one backward: its gradients were made in the "
+                               "forward and handed on by the first (retain_graph cannot run it twice)")
+        del ctx.grads
+        scaled = [g.mul_(grad_total) if g is not None else None for g in grads]  # in place: made for this backward
+        if ctx.slot is not None:  # a tied input embedding adds its rows into the weight's (common.tied_embedding)
+            ctx.slot.grad = scaled[1]
+        return (*scaled, None, None, None, None, None, None, None, None, None)
 
 
 def fused_distillation_losses(hidden: torch.Tensor, projection: nn.Linear, teacher_hidden: torch.Tensor | None,
                               teacher_projection: nn.Linear | None, rows: torch.Tensor, targets: torch.Tensor,
-                              weights: LossWeights, chunk_size: int | None = None, matmul: str = "auto"
-                              ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+                              weights: LossWeights, chunk_size: int | None = None, matmul: str = "auto",
+                              slot: Slot | None = None) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """The weighted sum of the soft cross-entropy, LM cross-entropy and logit MSE (with a gradient to the
     student's hidden states and projection), and each term with a positive weight, unweighted ("ce", "lm",
     "mse"). `hidden`/`teacher_hidden`: (..., H) states entering each projection; `rows`: positions of the soft
     cross-entropy and the MSE; `targets`: the id each position predicts (`lm_targets`). The teacher side is
     read without a gradient (it may come from torch.inference_mode). `matmul`: the products' backend
-    (common.vocab_products: auto, blas, onednn)."""
+    (common.cpu_matmul: auto, blas, onednn). `slot`: where the projection's weight gradient is left for a tied
+    input embedding to add its own into (common.tied_embedding.tied_gradient)."""
     h = hidden.reshape(-1, hidden.shape[-1])
     if weights.needs_teacher:
         if teacher_hidden is None or teacher_projection is None:
@@ -234,7 +241,7 @@ def fused_distillation_losses(hidden: torch.Tensor, projection: nn.Linear, teach
         t_hidden = t_weight = t_bias = None
     chunk = chunk_rows(projection.weight.shape[0], chunk_size)
     total, sums = FusedDistillationLoss.apply(h, projection.weight, projection.bias, t_hidden, t_weight, t_bias,
-                                              rows.reshape(-1), targets.reshape(-1), weights, chunk, matmul)
+                                              rows.reshape(-1), targets.reshape(-1), weights, chunk, matmul, slot)
     names = (("ce", weights.ce), ("lm", weights.lm), ("mse", weights.mse))
     return total, {name: sums[i] for i, (name, alpha) in enumerate(names) if alpha > 0}
 
@@ -251,12 +258,12 @@ def token_nll(hidden: torch.Tensor, projection: nn.Linear, targets: torch.Tensor
     rows = min(chunk, h.shape[0])
     out = torch.zeros(h.shape[0], device=h.device)
     with torch.no_grad():
-        backend = vocab_products.resolve(matmul, h[:rows], weight, bias)
+        backend = cpu_matmul.resolve(matmul, h[:rows], weight, bias)
         workspace = None if backend == "onednn" else _take_workspace(rows * weight.shape[0], h.device)
         for start in range(0, h.shape[0], chunk):
             end = min(start + chunk, h.shape[0])
             z = None if workspace is None else workspace[:(end - start) * weight.shape[0]].view(end - start, -1)
-            z = vocab_products.linear(h[start:end], weight, bias, backend, out=z)
+            z = cpu_matmul.linear(h[start:end], weight, bias, backend, out=z)
             log_s = torch._log_softmax(z, -1, False, out=z)
             tg = flat[start:end]
             out[start:end] = -log_s.gather(-1, tg.clamp_min(0)[:, None])[:, 0] * (tg != -100)

@@ -44,7 +44,7 @@ from common.errors import UserError, exit_with, run_cli
 from common.glibc_malloc import (ENV_VAR as MMAP_ENV_VAR, HeldMemory, fix_mmap_threshold, held_freed_memory,
                                  threshold_problems)
 from common.models.families import CAUSAL_TYPES, FAMILY, STUDENT_TYPES, TEACHER_TYPES
-from common.vocab_products import BACKENDS as MATMUL_BACKENDS, backend_problem
+from common.cpu_matmul import BACKENDS as MATMUL_BACKENDS, backend_problem
 
 if not answering_help(__name__):  # -h/--help answers at once: argparse needs none of what follows
     import numpy as np
@@ -56,6 +56,8 @@ if not answering_help(__name__):  # -h/--help answers at once: argparse needs no
     from common import visualize
     from common.builtin.distill import prepare_builtin
     from common.checkpoint import resolve_resume_path
+    from common.routed_linear import route_linears
+    from common.tied_embedding import Slot, tied_gradient
     from common.cli import save_final_model, script_context
     from common.data import lm
     from common.distillation import (
@@ -149,11 +151,12 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
                    help="Tokens per chunk of the output projection and the vocabulary-sized losses, in training "
                         "and evaluation (default: from a memory target of about 64 MB of temporaries, in whole "
                         "blocks of 64 tokens).")
-    g.add_argument("--loss_matmul", default="auto", choices=MATMUL_BACKENDS,
-                   help="How the CPU runs the vocabulary-sized products of those chunks (the logits and the gradient "
-                        "to the hidden states): BLAS (torch.mm: MKL), oneDNN's linear, or auto: the faster of the "
-                        "two on this CPU, timed once on the first chunk (oneDNN ran them about twice as fast as MKL "
-                        "on an AMD EPYC). Results differ only in float32 rounding. A GPU always uses cuBLAS.")
+    g.add_argument("--matmul", "--loss_matmul", default="auto", choices=MATMUL_BACKENDS,
+                   help="How the CPU runs the float32 matrix products of both models' linears and of the loss chunks "
+                        "(the logits and the gradient to the hidden states): BLAS (torch.mm: MKL), oneDNN's linear, "
+                        "or auto: the faster of the two on this CPU, timed once per weight shape on its first call "
+                        "(oneDNN ran them about twice as fast as MKL on an AMD EPYC). Results differ only in float32 "
+                        "rounding. A GPU always uses cuBLAS.")
     g.add_argument("--malloc_hold_mb", default=HOLD_MB, type=int, metavar="MIB",
                    help="glibc: keep the memory the run frees for reuse instead of handing it back to the system "
                         "(which costs page faults on every micro-batch), until resident memory has grown this many "
@@ -272,9 +275,9 @@ def flag_problems(args: argparse.Namespace, ctx: DistContext) -> list[str]:
             problems.append(f"--{name} must be >= 0 (got {value})")
     if args.loss_chunk_size is not None and args.loss_chunk_size < 1:
         problems.append(f"--loss_chunk_size must be at least 1 (got {args.loss_chunk_size})")
-    matmul_problem = backend_problem(args.loss_matmul)
+    matmul_problem = backend_problem(args.matmul)
     if matmul_problem is not None:
-        problems.append(f"--loss_matmul {args.loss_matmul}: {matmul_problem}")
+        problems.append(f"--matmul {args.matmul}: {matmul_problem}")
     if args.malloc_hold_mb < 0:
         problems.append(f"--malloc_hold_mb cannot be negative (got {args.malloc_hold_mb}; 0: hold nothing)")
     if args.malloc_mmap_threshold is not None:
@@ -577,14 +580,15 @@ def token_probabilities(ctx: DistContext, run: Run, token_file: lm.TokenFile, to
 def distillation_loss(student_features: torch.Tensor, projection: nn.Linear, teacher_features: torch.Tensor | None,
                       teacher_projection: nn.Linear | None, student_hidden: torch.Tensor | None,
                       teacher_hidden: torch.Tensor | None, attention_mask: torch.Tensor, labels: torch.Tensor,
-                      losses: Losses, causal: bool, chunk_size: int | None = None, matmul: str = "auto"
-                      ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+                      losses: Losses, causal: bool, chunk_size: int | None = None, matmul: str = "auto",
+                      slot: Slot | None = None) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """DistilBERT's loss mix: alpha_ce * soft cross-entropy(student, teacher; T) * T^2 over every real token
     (or only the masked ones), + alpha_mlm * masked-LM or alpha_clm * causal-LM cross-entropy, + alpha_mse *
     MSE of the logits (summed over the vocabulary, averaged over positions), + alpha_cos * (1 - cosine) of the
     last hidden states. The logits are never made whole: `*_features` are the states entering each model's
     output projection, and the vocabulary-sized terms go through it in chunks of `chunk_size` tokens
-    (common.fused_loss; automatic when None), their products through `matmul` (common.vocab_products).
+    (common.fused_loss; automatic when None), their products through `matmul` (common.cpu_matmul), the
+    projection's weight gradient left in `slot` for a tied input embedding (common.tied_embedding).
     Returns (weighted sum, each active term unweighted)."""
     rows = (labels != -100) if losses.restrict_ce_to_mask else attention_mask.bool()
     lm_name, alpha_lm = ("loss_clm", losses.alpha_clm) if causal else ("loss_mlm", losses.alpha_mlm)
@@ -593,7 +597,8 @@ def distillation_loss(student_features: torch.Tensor, projection: nn.Linear, tea
     terms: dict[str, torch.Tensor] = {}
     if weights.ce > 0 or weights.lm > 0 or weights.mse > 0:
         total, fused = fused_distillation_losses(student_features, projection, teacher_features, teacher_projection,
-                                                 rows, lm_targets(labels, causal), weights, chunk_size, matmul)
+                                                 rows, lm_targets(labels, causal), weights, chunk_size, matmul,
+                                                 slot)
         terms.update({{"ce": "loss_ce", "lm": lm_name, "mse": "loss_mse"}[k]: v for k, v in fused.items()})
     if losses.alpha_cos > 0:
         terms["loss_cos"] = hidden_cosine(student_hidden, teacher_hidden, attention_mask)
@@ -618,7 +623,7 @@ class DistillStep:
         if self.memory is not None:  # a micro-batch boundary: the last one's memory is all free
             self.memory.check(settled=state.global_step > 0)
         inputs, attention_mask = batch["input_ids"], batch["attention_mask"]
-        with projection_removed(model) as projection:
+        with tied_gradient(model) as slot, projection_removed(model) as projection:
             student = model(input_ids=inputs, attention_mask=attention_mask, output_hidden_states=self.hidden)
         teacher_features = teacher_hidden = teacher_projection = None
         if self.needs_teacher:
@@ -631,7 +636,7 @@ class DistillStep:
         return distillation_loss(
             student.logits, projection, teacher_features, teacher_projection,
             student.hidden_states[-1] if self.hidden else None, teacher_hidden, attention_mask, batch["labels"],
-            self.run.losses, self.run.causal, self.chunk_size, self.matmul)
+            self.run.losses, self.run.causal, self.chunk_size, self.matmul, slot)
 
 
 def batch_source(args: argparse.Namespace, run: Run, data: lm.LmDataset, tokenizer: Any, vocab_size: int,
@@ -690,7 +695,7 @@ def distill(ctx: DistContext, args: argparse.Namespace, run: Run, student: nn.Mo
                 run.student_type, count_parameters(student) / 1e6,
                 sum(p.numel() for p in student.parameters() if p.requires_grad) / 1e6, run.teacher_type,
                 count_parameters(teacher) / 1e6)
-    stage = Stage(STAGE, DistillStep(run, teacher, args.loss_chunk_size, memory, args.loss_matmul),
+    stage = Stage(STAGE, DistillStep(run, teacher, args.loss_chunk_size, memory, args.matmul),
                   lambda: param_groups(student.named_parameters(), args.learning_rate, args.weight_decay),
                   on_log=Throughput(ctx, batches))
     (result,) = train(ctx, cfg, student, [stage], batches, save, tb_writer=writer, resume_from=run.resume)
@@ -755,7 +760,7 @@ def evaluate(ctx: DistContext, args: argparse.Namespace, run: Run, student: nn.M
             with projection_removed(model) as projection:
                 features = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
             targets = lm_targets(batch["labels"], run.causal).view_as(batch["labels"])
-            nll = token_nll(features, projection, targets, args.loss_chunk_size, args.loss_matmul)
+            nll = token_nll(features, projection, targets, args.loss_chunk_size, args.matmul)
             return {"nll": nll.sum(-1), "count": (targets != -100).sum(-1), "tokens": batch["tokens"]}
         return step
 
@@ -860,6 +865,10 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         teacher.eval().requires_grad_(False)
         student = load_student(args, run).to(ctx.device)
         frozen = freeze_embeddings(student, args, run.student_type)
+        routed = {"student": route_linears(student, args.matmul), "teacher": route_linears(teacher, args.matmul)}
+        if any(routed.values()):
+            logger.info("Linears routed through --matmul %s: %d of the student's, %d of the teacher's", args.matmul,
+                        routed["student"], routed["teacher"])
         if len(tokenizer) > teacher.config.vocab_size:
             raise UserError(f"the tokenizer {run.tokenizer_path} has {len(tokenizer)} tokens, more than the "
                             f"teacher's vocabulary of {teacher.config.vocab_size}")

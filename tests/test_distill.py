@@ -21,7 +21,7 @@ import binarize_data
 import distill
 import extract_student
 import token_counts
-from common import glibc_malloc, vocab_products
+from common import glibc_malloc, cpu_matmul
 from common.builtin import distill as builtin_distill
 from common.errors import UserError, run_cli
 from common.models.student import DISTILBERT_LAYER, extract, load_teacher
@@ -228,19 +228,21 @@ def test_cli_end_to_end_writes_every_output(mlm_setup, tmp_path):
 
 
 def test_twenty_steps_end_at_the_weights_of_the_whole_logits_loss(mlm_setup, tmp_path, monkeypatch):
-    """The chunked losses train as the straightforward computation on whole logits does, their products through
-    BLAS and through oneDNN (test_fused_loss.py compares one step term by term and gradient by gradient)."""
+    """The chunked losses train as the straightforward computation on whole logits (stock nn.Linear and
+    nn.Embedding) does, the products of both models' linears and of the losses through BLAS and through oneDNN,
+    the tied embedding's gradient added into the projection's (test_fused_loss.py compares one step term by term
+    and gradient by gradient)."""
     common = ["--max_steps", "20", "--batch_size", "4", "--alpha_ce", "5", "--alpha_mlm", "2", "--alpha_mse", "0.1",
               "--alpha_cos", "1", "--loss_chunk_size", "7"]
-    backends = ["blas"] + (["onednn"] if vocab_products.onednn_available() else [])
+    backends = ["blas"] + (["onednn"] if cpu_matmul.onednn_available() else [])
     for backend in backends:
-        distill.main(mlm_args(mlm_setup, tmp_path / backend, *common, "--loss_matmul", backend))
+        distill.main(mlm_args(mlm_setup, tmp_path / backend, *common, "--matmul", backend))
 
     def whole_logits_step(run, teacher, *rest):
         return reference_step(run.losses, run.causal, teacher)
 
     monkeypatch.setattr(distill, "DistillStep", whole_logits_step)
-    distill.main(mlm_args(mlm_setup, tmp_path / "whole", *common))
+    distill.main(mlm_args(mlm_setup, tmp_path / "whole", *common, "--matmul", "blas"))  # stock nn.Linear
     whole = load_file(str(tmp_path / "whole" / "model.safetensors"))
     init = load_file(os.path.join(mlm_setup["student"], "model.safetensors"))
     for backend in backends:
@@ -358,7 +360,7 @@ def gpt2_student(tiny_gpt2_dir, tmp_path_factory) -> str:
     ("negative_mmap_threshold", "--malloc_mmap_threshold must lie in \\[0, 33554432\\] bytes"),
     ("negative_hold", "--malloc_hold_mb cannot be negative"),
     ("threshold_while_holding", "--malloc_mmap_threshold only applies with --malloc_hold_mb 0"),
-    ("onednn_missing", "--loss_matmul onednn: this PyTorch build has no oneDNN linear"),
+    ("onednn_missing", "--matmul onednn: this PyTorch build has no oneDNN linear"),
     ("cos_with_other_width", "--alpha_cos compares hidden states"),
 ])
 def test_bad_inputs(case, pattern, mlm_setup, gpt2_student, tiny_gpt2_dir, lm_corpus_dir, tmp_path, monkeypatch):
@@ -398,8 +400,8 @@ def test_bad_inputs(case, pattern, mlm_setup, gpt2_student, tiny_gpt2_dir, lm_co
     elif case == "threshold_while_holding":
         argv = base + ["--malloc_mmap_threshold", str(2**20)]
     elif case == "onednn_missing":  # a build without oneDNN
-        monkeypatch.setattr(vocab_products, "onednn_available", lambda: False)
-        argv = base + ["--loss_matmul", "onednn"]
+        monkeypatch.setattr(cpu_matmul, "onednn_available", lambda: False)
+        argv = base + ["--matmul", "onednn"]
     else:
         config = json.loads((Path(mlm_setup["student"]) / "config.json").read_text())
         config.update(dim=16, hidden_dim=32)

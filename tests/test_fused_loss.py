@@ -1,7 +1,7 @@
 """The chunked distillation losses (common/fused_loss.py, through scripts/distill.py's loss step) against the
 straightforward computation on whole logits: every loss term and every parameter gradient, for masked-LM and
 causal-LM students, with and without --restrict_ce_to_mask, with padding, at chunk sizes that do and do not
-divide the token count, with the vocabulary products through BLAS and through oneDNN (common/vocab_products.py)."""
+divide the token count, with the vocabulary products through BLAS and through oneDNN (common/cpu_matmul.py)."""
 
 from __future__ import annotations
 
@@ -15,7 +15,9 @@ from transformers import (
 
 import distill
 from common.distillation import hidden_cosine, hidden_mse, lm_cross_entropy, soft_cross_entropy
-from common import vocab_products
+from common import cpu_matmul
+from common.routed_linear import route_linears
+from common.tied_embedding import TiedEmbedding
 from common.fused_loss import (
     LossWeights, chunk_rows, fused_distillation_losses, lm_targets, output_projection, projection_removed,
     token_nll,
@@ -24,7 +26,7 @@ from common.fused_loss import (
 VOCAB = 53
 pytestmark = pytest.mark.usefixtures("one_thread")
 # The products' backends, each under test (oneDNN where this build has it).
-PRODUCTS = ["blas", pytest.param("onednn", marks=pytest.mark.skipif(not vocab_products.onednn_available(),
+PRODUCTS = ["blas", pytest.param("onednn", marks=pytest.mark.skipif(not cpu_matmul.onednn_available(),
                                                                     reason="no oneDNN linear in this build"))]
 
 
@@ -132,6 +134,10 @@ def test_every_term_and_gradient_equals_the_whole_logits_computation(causal, res
     # (1e-7) of their size, 1e-4 of the KL here. Relative to the KL itself, fp32 puts both computations up to
     # 1e-5 off the float64 value on some CPUs, so 1e-5 between them fails by rounding alone.
     ce_tolerance = 1e-7 * soft_ce_scale(losses, teacher, student, batch)
+    # The models' linears through the same backend (distill.py routes them so), the student's tied input
+    # embedding adding its gradient into the projection's (common.tied_embedding).
+    route_linears(teacher, matmul)
+    route_linears(student, matmul)
     for chunk in (1, 4, 7, 27, 64, None):  # 27 tokens: 4 and 7 leave a short last chunk
         total, terms = distill.DistillStep(run_of(losses, causal), teacher, chunk, matmul=matmul)(student, batch, None)
         assert terms.keys() == want_terms.keys()
@@ -141,6 +147,7 @@ def test_every_term_and_gradient_equals_the_whole_logits_computation(causal, res
         assert total.item() == pytest.approx(want_total.item(), abs=losses.alpha_ce * ce_tolerance, rel=1e-5)
         assert_close_relative(grads(student, total), want_grads, 1e-5)
     assert isinstance(output_projection(student), torch.nn.Linear)  # the projection is back in place
+    assert type(student.get_input_embeddings()) is TiedEmbedding and student.get_input_embeddings().slot is None
 
 
 def test_a_term_without_positions_is_zero_with_a_zero_gradient():
@@ -197,25 +204,25 @@ def test_each_backend_computes_the_products(matmul):
     g = torch.Generator().manual_seed(3)
     x, weight, bias = torch.randn(9, 16, generator=g), torch.randn(40, 16, generator=g), torch.randn(40, generator=g)
     want = (x @ weight.t() + bias) / 2
-    got = vocab_products.linear(x, weight, bias, matmul, scale=0.5, out=torch.empty(9, 40))
+    got = cpu_matmul.linear(x, weight, bias, matmul, scale=0.5, out=torch.empty(9, 40))
     assert torch.allclose(got, want, rtol=1e-5, atol=1e-5)
-    assert torch.allclose(vocab_products.linear(x, weight, None, matmul), x @ weight.t(), rtol=1e-5, atol=1e-5)
+    assert torch.allclose(cpu_matmul.linear(x, weight, None, matmul), x @ weight.t(), rtol=1e-5, atol=1e-5)
     grad = torch.randn(9, 40, generator=g)
     out = torch.full((9, 16), float("nan"))
-    assert vocab_products.matmul(grad, weight, matmul, out=out).data_ptr() == out.data_ptr()
+    assert cpu_matmul.matmul(grad, weight, matmul, out=out).data_ptr() == out.data_ptr()
     assert torch.allclose(out, grad @ weight, rtol=1e-5, atol=1e-5)
 
 
 def test_auto_keeps_the_faster_backend_and_a_fixed_choice_is_checked(monkeypatch, caplog):
     x, weight = torch.randn(6, 8), torch.randn(30, 8)
-    assert vocab_products.resolve("blas", x, weight, None) == "blas"
+    assert cpu_matmul.resolve("blas", x, weight, None) == "blas"
     with pytest.raises(ValueError, match="unknown product backend 'mkl'"):
-        vocab_products.resolve("mkl", x, weight, None)
-    if not vocab_products.onednn_available():
-        assert vocab_products.resolve("auto", x, weight, None) == "blas"
+        cpu_matmul.resolve("mkl", x, weight, None)
+    if not cpu_matmul.onednn_available():
+        assert cpu_matmul.resolve("auto", x, weight, None) == "blas"
         return
-    monkeypatch.setattr(vocab_products, "_chosen", {})
-    real = vocab_products.linear
+    monkeypatch.setattr(cpu_matmul, "_chosen", {})
+    real = cpu_matmul.linear
 
     def slow_blas(x, weight, bias, backend, scale=1.0, out=None):  # BLAS made the slower of the two
         if backend == "blas":
@@ -223,11 +230,11 @@ def test_auto_keeps_the_faster_backend_and_a_fixed_choice_is_checked(monkeypatch
             time.sleep(0.01)
         return real(x, weight, bias, backend, scale, out)
 
-    monkeypatch.setattr(vocab_products, "linear", slow_blas)
-    with caplog.at_level("INFO", logger="common.vocab_products"):
-        assert vocab_products.resolve("auto", x, weight, None) == "onednn"
+    monkeypatch.setattr(cpu_matmul, "linear", slow_blas)
+    with caplog.at_level("INFO", logger="common.cpu_matmul"):
+        assert cpu_matmul.resolve("auto", x, weight, None) == "onednn"
     assert "onednn (best of 4" in caplog.text
-    monkeypatch.setattr(vocab_products, "linear", real)  # timed once per shape: the choice is kept
-    assert vocab_products.resolve("auto", x, weight, None) == "onednn"
-    assert vocab_products.resolve("auto", torch.randn(5, 8), weight, None) == "onednn"  # fewer rows: the same
-    assert len(vocab_products._chosen) == 1
+    monkeypatch.setattr(cpu_matmul, "linear", real)  # timed once per shape: the choice is kept
+    assert cpu_matmul.resolve("auto", x, weight, None) == "onednn"
+    assert cpu_matmul.resolve("auto", torch.randn(5, 8), weight, None) == "onednn"  # fewer rows: the same
+    assert len(cpu_matmul._chosen) == 1

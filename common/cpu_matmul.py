@@ -1,5 +1,5 @@
-"""The vocabulary-sized matrix products of the chunked losses (common.fused_loss), on the CPU through BLAS or
-through oneDNN.
+"""Float32 matrix products on the CPU through BLAS or through oneDNN: the vocabulary-sized products of the
+chunked losses (common.fused_loss) and the linears of a model (common.routed_linear).
 
 The stock CPU wheel runs torch.mm / torch.addmm through MKL, whose speed on these shapes depends on the CPU: on
 2 cores of an AMD EPYC with AVX-512 (Zen 4), torch 2.13, a chunk's logits (128 x 384 -> 30,522) took 32-37 ms
@@ -8,8 +8,12 @@ calls for a linear on the CPU), the gradient to the hidden states (128 x 30,522 
 projection's weight gradient (an accumulation into 30,522 x 384) stays with BLAS, whose accumulate-in-place
 oneDNN's linear lacks. Both are float32 products that differ only in summation order.
 
-`resolve("auto", ...)` times both on the first chunk it meets for a projection of a given shape (and thread
-count) and keeps the faster for the process; "blas" or "onednn" fixes the choice (a CUDA device always takes
+The encoder's linears gain as much: 640 rows x 384 -> 1,536 (a feed-forward layer of all-MiniLM-L6-v2 on a
+micro-batch of 5 sequences) took 4.0-4.2 ms through MKL and 1.7-1.9 ms through oneDNN on the same CPU, forward
+and gradient to the input alike. common.routed_linear runs a model's nn.Linear modules through the backend
+`resolve` picks for each weight's shape.
+
+`resolve("auto", ...)` times both on the first rows it meets for a weight of a given shape (and thread count) and keeps the faster for the process; "blas" or "onednn" fixes the choice (a CUDA device always takes
 BLAS: cuBLAS). The module imports torch only when a function runs: parsers list BACKENDS without it.
 """
 
@@ -100,7 +104,17 @@ def resolve(requested: str, x: torch.Tensor, weight: torch.Tensor, bias: torch.T
                 if i >= 2:
                     seconds[name] = min(seconds[name], time.perf_counter() - start)
         _chosen[key] = min(seconds, key=seconds.get)
-        logger.info("Vocabulary products of %d x %d -> %d rows: %s (best of %d: BLAS %.1f ms, oneDNN %.1f ms)",
+        logger.info("Products of %d rows x %d -> %d: %s (best of %d: BLAS %.1f ms, oneDNN %.1f ms)",
                     x.shape[0], x.shape[1], weight.shape[0], _chosen[key], 2 * TIMED_ROUNDS,
                     1e3 * seconds["blas"], 1e3 * seconds["onednn"])
     return _chosen[key]
+
+
+def weight_gradient(grad: torch.Tensor, rows: torch.Tensor, backend: str) -> torch.Tensor:
+    """grad.T @ rows (out x in). oneDNN takes both as row-major copies of their transposes: small next to the
+    product for an encoder layer (640 x 384 -> 1,536: 2.5 ms against MKL's 4.0, copies included)."""
+    import torch
+
+    if backend == "onednn":
+        return torch.ops.mkldnn._linear_pointwise(grad.t().contiguous(), rows.t().contiguous(), None, "none", [], "")
+    return grad.t().mm(rows)
