@@ -687,7 +687,8 @@ def distill(ctx: DistContext, args: argparse.Namespace, run: Run, student: nn.Mo
 
     save = model_saver(student, tokenizer)
     cfg = TrainConfig.from_args(args, output_dir=run.output_dir, warmup_proportion=args.warmup_prop,
-                                save_each_epoch=True, adam_betas=ADAM_BETAS, dynamic_padding=False)
+                                save_each_epoch=True, adam_betas=ADAM_BETAS, dynamic_padding=False,
+                                fused_adamw=True)
     if writer is not None:
         writer.add_text("config/training", json.dumps(vars(args), indent=1, default=str), 0)
         writer.add_text("config/student", student.config.to_json_string(), 0)

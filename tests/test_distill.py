@@ -267,6 +267,8 @@ def test_resume_gives_the_same_weights_as_an_uninterrupted_run(mlm_setup, tmp_pa
     assert not [k for k in a if not torch.equal(a[k], b[k])]
     steps = [json.loads(line)["step"] for line in (resumed / "log_history.jsonl").read_text().splitlines()]
     assert steps == [4, 6]
+    saved = torch.load(full / "checkpoint-000003" / "optimizer.pt", weights_only=True)
+    assert all(group["fused"] for group in saved["param_groups"])  # AdamW's fused kernel, kept by the resume
     # all_results counts the whole run's tokens, replayed from the batch plan: what the uninterrupted run counted
     # as it went, also after a resume (whose own share is reported apart).
     whole, part = full_results["train"], resumed_results["train"]
