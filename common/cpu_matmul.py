@@ -13,8 +13,9 @@ micro-batch of 5 sequences) took 4.0-4.2 ms through MKL and 1.7-1.9 ms through o
 and gradient to the input alike. common.routed_linear runs a model's nn.Linear modules through the backend
 `resolve` picks for each weight's shape.
 
-`resolve("auto", ...)` times both on the first rows it meets for a weight of a given shape (and thread count) and keeps the faster for the process; "blas" or "onednn" fixes the choice (a CUDA device always takes
-BLAS: cuBLAS). The module imports torch only when a function runs: parsers list BACKENDS without it.
+`resolve("auto", ...)` times both on the first rows it meets for a weight of a given shape (and thread count)
+and keeps the faster for the process; "blas" or "onednn" fixes the choice (a CUDA device always takes BLAS:
+cuBLAS). The module imports torch only when a function runs: parsers list BACKENDS without it.
 """
 
 from __future__ import annotations
