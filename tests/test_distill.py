@@ -428,6 +428,7 @@ def test_demo_keeps_flags_given_explicitly_and_checks_them_before_building(tmp_p
     args = distill.parse_args(["--alpha_mlm", "0", "--batch_size", "5"])
     assert args.alpha_mlm == 0.0 and args.per_gpu_train_batch_size == 5  # both equal the plain defaults
     assert args.alpha_ce == 5.0 and args.logging_steps == 10  # the demo's values for the flags left out
+    assert distill.parse_args(["--loss_matmul", "blas"]).matmul == "blas"  # --matmul's earlier name still works
     with pytest.raises(UserError, match="every loss weight is zero"):
         distill.main(["--alpha_ce", "0", "--alpha_mlm", "0", "--alpha_cos", "0", "--output_dir", str(tmp_path / "o")])
     assert not (tmp_path / "o").exists()  # refused before the demo's teacher was trained
