@@ -1,13 +1,15 @@
-"""A model's nn.Linear modules with their products through common.cpu_matmul's backend (BLAS or oneDNN, the
-faster timed per weight shape on the first call): forward, gradient to the input and gradient to the weight.
+"""A model's linear layers with their products through common.cpu_matmul's backend (BLAS or oneDNN, the faster
+timed per weight shape on the first call): forward, gradient to the input and gradient to the weight.
 
-`route_linears(model, "auto")` changes each nn.Linear's class to RoutedLinear in place: parameters, state dict,
-hooks and DDP are untouched; off the CPU, for another dtype or where BLAS wins it is nn.Linear's own forward."""
+`route_linears(model, "auto")` changes the class of each nn.Linear to RoutedLinear and of each GPT-2 Conv1D (a
+linear whose weight is stored in x out) to RoutedConv1D, in place: parameters, state dict, hooks and DDP are
+untouched; off the CPU, for another dtype or where BLAS wins it is the layer's own forward."""
 
 from __future__ import annotations
 
 import torch
 import torch.nn as nn
+from transformers.pytorch_utils import Conv1D
 
 from common.cpu_matmul import backend_problem, linear, matmul, onednn_available, resolve, weight_gradient
 
@@ -40,23 +42,42 @@ class LinearFunction(torch.autograd.Function):
         return grad_x, grad_w, grad_b, None
 
 
+def routed(layer: nn.Module, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor | None:
+    """y = x @ weight.T + layer.bias through the layer's backend, or None where the layer's own forward serves
+    (off the CPU, not float32, or BLAS chosen). `weight`: out x in (a view for Conv1D)."""
+    if x.device.type != "cpu" or x.dtype != torch.float32 or weight.dtype != torch.float32:
+        return None
+    backend = resolve(layer.matmul, x.reshape(-1, x.shape[-1])[:ROWS_TIMED], weight, layer.bias)
+    return None if backend == "blas" else LinearFunction.apply(x, weight, layer.bias, backend)
+
+
 class RoutedLinear(nn.Linear):
     """nn.Linear with its products through `matmul` (auto, blas, onednn), resolved per weight shape."""
 
     matmul = "auto"
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if x.device.type != "cpu" or x.dtype != torch.float32 or self.weight.dtype != torch.float32:
-            return super().forward(x)
-        backend = resolve(self.matmul, x.reshape(-1, x.shape[-1])[:ROWS_TIMED], self.weight, self.bias)
-        if backend == "blas":
-            return super().forward(x)
-        return LinearFunction.apply(x, self.weight, self.bias, backend)
+        y = routed(self, x, self.weight)
+        return super().forward(x) if y is None else y
+
+
+class RoutedConv1D(Conv1D):
+    """GPT-2's Conv1D (weight in x out) with its products through `matmul`; the weight's gradient comes back
+    through the transposed view."""
+
+    matmul = "auto"
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = routed(self, x, self.weight.t())
+        return super().forward(x) if y is None else y
+
+
+ROUTED = {nn.Linear: RoutedLinear, RoutedLinear: RoutedLinear, Conv1D: RoutedConv1D, RoutedConv1D: RoutedConv1D}
 
 
 def route_linears(model: nn.Module, requested: str) -> int:
-    """Make every nn.Linear of `model` a RoutedLinear taking `requested`; returns how many. Nothing changes
-    where the choice can only be BLAS."""
+    """Make every nn.Linear and Conv1D of `model` (exactly those classes: subclasses keep their own forward)
+    routed, taking `requested`; returns how many. Nothing changes where the choice can only be BLAS."""
     problem = backend_problem(requested)
     if problem is not None:
         raise ValueError(problem)
@@ -64,8 +85,9 @@ def route_linears(model: nn.Module, requested: str) -> int:
         return 0
     count = 0
     for module in model.modules():
-        if type(module) in (nn.Linear, RoutedLinear):
-            module.__class__ = RoutedLinear
+        cls = ROUTED.get(type(module))
+        if cls is not None:
+            module.__class__ = cls
             module.matmul = requested
             count += 1
     return count

@@ -140,3 +140,25 @@ def test_an_empty_slot_or_an_untied_model_keeps_the_stock_gradient():
     untied.out.weight = nn.Parameter(untied.out.weight.detach().clone())
     with tied_gradient(untied) as slot:
         assert slot is None and type(untied.embed) is nn.Embedding
+
+
+@needs_onednn
+def test_gpt2_conv1d_layers_are_routed_and_give_the_stock_outputs_and_gradients():
+    from transformers import GPT2Config, GPT2LMHeadModel
+    from common.routed_linear import RoutedConv1D
+
+    torch.manual_seed(0)
+    plain = GPT2LMHeadModel(GPT2Config(vocab_size=40, n_embd=16, n_head=2, n_layer=2, n_positions=16)).eval()
+    routed = copy.deepcopy(plain)
+    assert route_linears(routed, "onednn") == 2 * 4 + 1  # c_attn, c_proj, c_fc, mlp c_proj per layer; lm_head
+    assert sum(type(m) is RoutedConv1D for m in routed.modules()) == 8
+    ids = torch.randint(0, 40, (2, 7))
+    outputs = []
+    for model in (plain, routed):
+        logits = model(input_ids=ids).logits
+        (logits * torch.linspace(-1, 1, logits.numel()).view_as(logits)).sum().backward()
+        outputs.append((logits.detach(), {n: p.grad for n, p in model.named_parameters()}))
+    (want, want_grads), (got, got_grads) = outputs
+    assert torch.allclose(got, want, rtol=1e-5, atol=1e-5)
+    for name, grad in want_grads.items():
+        assert torch.allclose(got_grads[name], grad, rtol=1e-5, atol=1e-6), name
