@@ -197,8 +197,8 @@ class FusedDistillationLoss(torch.autograd.Function):
                     grad_b.add_(grad.sum(0))
         _keep_workspace(workspace)
         total = weights.ce * sums[0] + weights.lm * sums[1] + weights.mse * sums[2]
-        # Held on ctx, not saved: backward hands them on as the only reference, so autograd may add the other
-        # gradients of a shared weight into them in place (a tied input embedding's: common.tied_embedding).
+        # Held on ctx, not saved, and dropped by the backward that hands them on: the graph keeps no reference to
+        # them after it; the weight's goes to `slot` for a tied input embedding (common.tied_embedding).
         ctx.grads = [g.to(t.dtype) if g is not None else None
                      for g, t in ((grad_h, hidden), (grad_w, weight), (grad_b, bias))]
         ctx.slot = slot
