@@ -44,8 +44,9 @@ class LinearFunction(torch.autograd.Function):
 
 def routed(layer: nn.Module, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor | None:
     """y = x @ weight.T + layer.bias through the layer's backend, or None where the layer's own forward serves
-    (off the CPU, not float32, or BLAS chosen). `weight`: out x in (a view for Conv1D)."""
-    if x.device.type != "cpu" or x.dtype != torch.float32 or weight.dtype != torch.float32:
+    (off the CPU, not float32, under autocast, or BLAS chosen). `weight`: out x in (a view for Conv1D)."""
+    if (x.device.type != "cpu" or x.dtype != torch.float32 or weight.dtype != torch.float32
+            or torch.is_autocast_enabled("cpu")):
         return None
     backend = resolve(layer.matmul, x.reshape(-1, x.shape[-1])[:ROWS_TIMED], weight, layer.bias)
     return None if backend == "blas" else LinearFunction.apply(x, weight, layer.bias, backend)

@@ -57,6 +57,8 @@ def test_a_frozen_input_and_other_dtypes_take_the_stock_path():
     assert torch.allclose(layer.bias.grad, torch.full((24,), 4.0))
     double = copy.deepcopy(layer).double()
     assert double(x.double()).dtype == torch.float64  # nn.Linear's own forward
+    with torch.autocast("cpu", dtype=torch.bfloat16):  # --bf16 on the CPU: autocast's bfloat16 product
+        assert layer(x).dtype == torch.bfloat16
 
 
 def test_blas_routes_nothing_and_a_bad_name_is_refused():
