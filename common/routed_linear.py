@@ -3,7 +3,7 @@ timed per weight shape on the first call): forward, gradient to the input and gr
 
 `route_linears(model, "auto")` changes the class of each nn.Linear to RoutedLinear and of each GPT-2 Conv1D (a
 linear whose weight is stored in x out) to RoutedConv1D, in place: parameters, state dict, hooks and DDP are
-untouched; off the CPU, for another dtype or where BLAS wins it is the layer's own forward."""
+untouched; off the CPU, for another dtype, under autocast or where BLAS wins it is the layer's own forward."""
 
 from __future__ import annotations
 
