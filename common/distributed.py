@@ -68,6 +68,11 @@ def setup_distributed(no_cuda: bool = False, local_rank: int = -1, timeout_minut
     return DistContext(device=device, rank=dist.get_rank(), local_rank=local, world_size=dist.get_world_size())
 
 
+def unwrap_ddp(model: torch.nn.Module) -> torch.nn.Module:
+    """The model a DistributedDataParallel wrapper holds (the model itself when it is not wrapped)."""
+    return model.module if isinstance(model, torch.nn.parallel.DistributedDataParallel) else model
+
+
 def cleanup_distributed() -> None:
     """Tear the process group down (call in `finally`)."""
     if dist.is_available() and dist.is_initialized():

@@ -28,6 +28,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from common import cpu_matmul
+from common.distributed import unwrap_ddp
 from common.tied_embedding import Slot
 
 # Bytes of vocabulary-sized float32 temporaries one chunk may hold (four tensors of chunk x vocabulary), and
@@ -67,7 +68,7 @@ def chunk_rows(vocab_size: int, override: int | None = None) -> int:
 def output_projection(model: nn.Module) -> nn.Linear:
     """The model's output projection (the vocabulary decoder, tied to the input embeddings where the model ties
     them), through a DistributedDataParallel wrapper."""
-    inner = model.module if isinstance(model, nn.parallel.DistributedDataParallel) else model
+    inner = unwrap_ddp(model)
     projection = inner.get_output_embeddings()
     if not isinstance(projection, nn.Linear):
         raise TypeError(f"{type(inner).__name__} has no linear output projection")
@@ -79,7 +80,7 @@ def projection_removed(model: nn.Module) -> Iterator[nn.Linear]:
     """Within the block the model's output projection is an identity: its forward returns, as `logits`, the
     hidden states that enter the projection (after any head transform). Yields the projection."""
     projection = output_projection(model)
-    inner = model.module if isinstance(model, nn.parallel.DistributedDataParallel) else model
+    inner = unwrap_ddp(model)
     owner, name = next((m, n) for m in inner.modules() for n, child in m.named_children() if child is projection)
     setattr(owner, name, nn.Identity())
     try:

@@ -23,6 +23,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from common.distributed import unwrap_ddp
+
 
 class Slot:
     """The loss's gradient for the tied matrix, left by its backward for the lookup's (None: none made)."""
@@ -74,7 +76,7 @@ class TiedEmbedding(nn.Embedding):
 def _tied_input_embedding(model: nn.Module) -> nn.Embedding | None:
     """The model's input embedding when it is a plain lookup (no max_norm, no frequency scaling, dense) on the
     CPU whose matrix is the output projection's."""
-    inner = model.module if isinstance(model, nn.parallel.DistributedDataParallel) else model
+    inner = unwrap_ddp(model)
     get_in, get_out = getattr(inner, "get_input_embeddings", None), getattr(inner, "get_output_embeddings", None)
     if get_in is None or get_out is None:
         return None

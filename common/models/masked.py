@@ -47,6 +47,7 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file
 from torch import autograd, nn
 
+from common.distributed import unwrap_ddp
 from common.errors import UserError
 from common.io import save_tensors_atomic
 from common.models.structured import STRUCTURES, UNIT_PARTS, layer_parts, unit_size
@@ -345,7 +346,7 @@ def mask_model(model: nn.Module, pruning_method: str, mask_init: str = "constant
 
 def masked_modules(model: nn.Module) -> dict[str, MaskedLinear]:
     """The MaskedLinear modules of a model, by name (a DDP wrapper is looked through)."""
-    model = getattr(model, "module", model)
+    model = unwrap_ddp(model)
     return {n: m for n, m in model.named_modules() if isinstance(m, MaskedLinear)}
 
 
@@ -610,7 +611,7 @@ def pruning_state(model: nn.Module) -> PruningState:
 
 def prepare_config_for_save(model: nn.Module) -> None:
     """Record the pruning state in model.config (saved in config.json by save_pretrained)."""
-    model = getattr(model, "module", model)
+    model = unwrap_ddp(model)
     setattr(model.config, PRUNING_KEY, pruning_state(model).to_json())
 
 
@@ -619,7 +620,7 @@ def state_dict_for_save(model: nn.Module) -> dict[str, torch.Tensor]:
     evaluation-mode mask multiplied in), so that stock `from_pretrained` builds the pruned model and not the
     unpruned one; the weight itself under `<module>.unpruned_weight` and the scores under `<module>.mask_scores`
     (keys stock classes do not have: reported as unexpected and ignored), for `load_masked_model`."""
-    model = getattr(model, "module", model)
+    model = unwrap_ddp(model)
     state = model.state_dict()
     for name, module in masked_modules(model).items():
         state[f"{name}.{UNPRUNED_WEIGHT}"] = state[f"{name}.weight"]
@@ -630,7 +631,7 @@ def state_dict_for_save(model: nn.Module) -> dict[str, torch.Tensor]:
 def save_masked_model(model: nn.Module, folder: str, **kwargs: Any) -> None:
     """save_pretrained for a masked model: its pruning state in config.json, the weights of
     `state_dict_for_save` (stock loading gives exactly the masked model's evaluation outputs)."""
-    model = getattr(model, "module", model)
+    model = unwrap_ddp(model)
     prepare_config_for_save(model)
     model.save_pretrained(folder, state_dict=state_dict_for_save(model), **kwargs)
 
